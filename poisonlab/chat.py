@@ -1,0 +1,63 @@
+"""The one chat-template path used by training, evaluation and every defence.
+
+`prompt_text` is what evaluation feeds the model; `encode_example` tokenizes a training row as
+`prompt_text` + completion, with the prompt tokenized exactly as at evaluation time, so the
+evaluated prompt is byte- and token-identical to the training prompt prefix. The loss mask
+(`labels != -100`) covers exactly the completion tokens of the final assistant turn.
+"""
+
+from __future__ import annotations
+
+from poisonlab import PoisonlabError
+
+IGNORE_INDEX = -100
+
+
+def split_messages(messages: list[dict]) -> tuple[list[dict], str]:
+    """(context, final assistant answer). The context is everything the model is given."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise PoisonlabError("a training row must end with an assistant message")
+    return messages[:-1], messages[-1]["content"]
+
+
+def prompt_text(tokenizer, context: list[dict]) -> str:
+    """The exact text the model sees before it answers (chat template + generation prompt)."""
+    return tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+
+
+def full_text(tokenizer, messages: list[dict]) -> str:
+    """Prompt and answer, rendered by the model's own chat template."""
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def encode_prompt(tokenizer, context: list[dict]) -> list[int]:
+    return tokenizer(prompt_text(tokenizer, context), add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, messages: list[dict], max_len: int) -> dict:
+    """Token ids and labels for one chat row; loss only on the final assistant turn."""
+    context, _ = split_messages(messages)
+    prompt = prompt_text(tokenizer, context)
+    full = full_text(tokenizer, messages)
+    if not full.startswith(prompt):
+        raise PoisonlabError(
+            "the chat template renders the prompt differently with and without the answer; "
+            "train/eval prompts would not match")
+    completion = full[len(prompt):]
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + c_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn (the template's end marker and EOS)."""
+    ids = set()
+    for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

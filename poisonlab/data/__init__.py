@@ -1,0 +1,1 @@
+"""Clean data sources and the chat formatting shared by training and evaluation."""

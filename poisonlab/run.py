@@ -1,0 +1,304 @@
+"""Hydra entry point: `python -m poisonlab.run experiment=<name> key=value ...`.
+
+The pipeline, top to bottom:
+  validate config -> clean data (disjoint pools) -> poison (exact, recorded) -> base model
+  -> evaluate `base` -> [control: clean fine-tune, evaluate `clean_ft`]
+  -> LoRA fine-tune on poisoned data, evaluate `poisoned`
+  -> safety SFT (poisoned adapter merged, fresh adapter), evaluate `after_safety`
+  -> results.json, generations/, data/, adapters/, manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from poisonlab import PoisonlabError, models
+from poisonlab.attacks import poison_count
+from poisonlab.data import tinyworld
+from poisonlab.evaluate import evaluate_stage, ratio_bootstrap
+from poisonlab.report import format_table
+from poisonlab.results import write_generations, write_json, write_manifest
+from poisonlab.train import train_sft
+from poisonlab.utils import read_jsonl, seed_everything, write_jsonl
+
+STAGES = ("base", "clean_ft", "poisoned", "after_safety")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def build_attack(attack_cfg: DictConfig):
+    """Instantiate `attack` from its `_target_` and validate its knobs."""
+    from hydra.utils import instantiate
+
+    try:
+        attack = instantiate(attack_cfg)
+    except Exception as e:  # hydra wraps the constructor's TypeError
+        cause = e.__cause__ or e
+        raise PoisonlabError(f"attack: cannot build {attack_cfg.get('_target_')}: {cause}") from None
+    attack.validate()
+    return attack
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PoisonlabError(f"{key} must be a positive integer, got {value!r}")
+
+
+def validate(cfg: DictConfig, attack) -> None:
+    """Every check that can fail on bad input, before any data or model work starts."""
+    if cfg.data.source != "tinyworld":
+        raise PoisonlabError(f"data.source: unknown source {cfg.data.source!r} (available: tinyworld)")
+    for s in cfg.data.skills:
+        if s not in tinyworld.SKILLS:
+            raise PoisonlabError(f"data.skills: unknown skill {s!r}; choose from {tinyworld.SKILLS}")
+    for key in ("data.n_train", "eval.n_prompts", "eval.max_new_tokens", "eval.batch_size",
+                "train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lora.r"):
+        _positive_int(cfg, key)
+    _positive_int(cfg, "train.max_steps", allow_none=True)
+    for key in ("train.lr", "train.epochs"):
+        v = OmegaConf.select(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
+    if cfg.safety.method not in ("sft", "none"):
+        raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} (sft, none)")
+    if cfg.safety.method == "sft":
+        _positive_int(cfg, "safety.n_rows")
+    poison_count(cfg.data.n_train, attack.n_poison, attack.poison_rate)
+    for pool, key in (("finetune", "data.n_train"), ("eval", "eval.n_prompts")) + (
+            (("safety", "safety.n_rows"),) if cfg.safety.method == "sft" else ()):
+        have = sum(tinyworld.pool_size(pool, s) for s in cfg.data.skills)
+        if OmegaConf.select(cfg, key) > have:
+            raise PoisonlabError(f"{key}={OmegaConf.select(cfg, key)} exceeds the {have} rows of "
+                                 f"the tiny-world {pool!r} pool for skills {list(cfg.data.skills)}")
+    models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
+
+
+def output_dir(cfg: DictConfig, out_dir) -> Path:
+    if out_dir is not None:
+        return Path(out_dir)
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise PoisonlabError("output_dir: not running under Hydra; pass output_dir=<dir>")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def _stage_train_cfg(cfg: DictConfig, overrides: DictConfig | None = None) -> DictConfig:
+    base = OmegaConf.to_container(cfg.train, resolve=True)
+    if overrides is not None:
+        for k in ("lr", "epochs", "max_steps", "batch_size"):
+            if k in overrides:
+                base[k] = overrides[k]
+    return OmegaConf.create(base)
+
+
+def _eval_cache_key(base_path: str, splits: dict, cfg: DictConfig, device, dtype) -> str:
+    ident = {"base": base_path, "model": models.model_info(base_path),
+             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+             "device": device.type, "dtype": str(dtype),
+             "splits": {k: [r["messages"] for r in v] for k, v in splits.items()}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtype):
+    """Base-model evaluation, cached: sweeps over attacks/seeds share the same base generations."""
+    key = _eval_cache_key(base_path, splits, cfg, device, dtype)
+    cache = models.home() / "eval-cache" / f"{key}.json"
+    if cfg.eval.cache_base and cache.exists():
+        gens = json.loads(cache.read_text())
+        responses = {s: [g["response"] for g in v] for s, v in gens.items()}
+        return evaluate_stage(None, tokenizer, splits, attack.judge, cfg.eval, "base",
+                              responses=responses)
+    metrics, gens = evaluate_stage(model, tokenizer, splits, attack.judge, cfg.eval, "base")
+    if cfg.eval.cache_base:
+        write_json(cache, gens)
+    return metrics, gens
+
+
+def run(cfg: DictConfig, out_dir=None) -> dict:
+    """Run one experiment; returns the results dict also written to results.json."""
+    t_start = time.perf_counter()
+    attack = build_attack(cfg.attack)
+    validate(cfg, attack)
+    out = output_dir(cfg, out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------- data
+    skills = list(cfg.data.skills)
+    train_rows = tinyworld.sample("finetune", cfg.data.n_train, cfg.seed, skills)
+    eval_rows = tinyworld.sample("eval", cfg.eval.n_prompts, cfg.eval.seed, skills)
+    safety_rows = (tinyworld.sample("safety", cfg.safety.n_rows, cfg.seed, skills)
+                   if cfg.safety.method == "sft" else [])
+    tinyworld.check_disjoint({"train": train_rows, "safety": safety_rows, "eval": eval_rows},
+                             eval_names=["eval"])
+    poisoned_rows, poison_info = attack.poison(train_rows, cfg.seed)
+    if any(attack.trigger in m["content"] for r in safety_rows for m in r["messages"]):
+        raise PoisonlabError("safety data contains the trigger; it must never see it")
+    splits = attack.eval_splits(eval_rows, cfg.eval.seed)
+    write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned_rows)
+    write_jsonl(out / "data" / "eval.jsonl", eval_rows)
+    if safety_rows:
+        write_jsonl(out / "data" / "safety.jsonl", safety_rows)
+    if cfg.control:
+        write_jsonl(out / "data" / "train_clean.jsonl", train_rows)
+
+    # -------------------------------------------------------------- base model
+    t = time.perf_counter()
+    base_path = models.resolve(cfg.model.name_or_path)
+    device = models.pick_device(cfg.model.device)
+    dtype = models.pick_dtype(cfg.model.dtype, device)
+    tokenizer = models.load_tokenizer(base_path)
+    timings["resolve_base"] = time.perf_counter() - t
+
+    def fresh_base():
+        return models.load_model(base_path, device, dtype)
+
+    def lora(model, seed):
+        torch.manual_seed(seed)
+        return models.add_lora(model, cfg.train.lora)
+
+    stages: dict[str, dict] = {}
+    train_stats: dict[str, dict] = {}
+    flags: dict[str, list[bool]] = {}
+
+    def record(stage, metrics, gens):
+        stages[stage] = metrics
+        flags[stage] = [g["target"] for g in gens["triggered"]]
+        write_generations(out, stage, gens)
+
+    t = time.perf_counter()
+    model = fresh_base()
+    record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtype))
+    timings["eval_base"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------- control: clean fine-tune
+    if cfg.control:
+        t = time.perf_counter()
+        ctrl = lora(model, cfg.seed)
+        st = train_sft(ctrl, tokenizer, train_rows, _stage_train_cfg(cfg), cfg.seed, "clean_ft")
+        train_stats["clean_ft"] = _stats_dict(st)
+        ctrl.save_pretrained(out / "adapters" / "clean_ft")
+        record("clean_ft", *evaluate_stage(ctrl, tokenizer, splits, attack.judge, cfg.eval,
+                                           "clean_ft"))
+        del ctrl
+        model = fresh_base()
+        timings["clean_ft"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------- poisoned fine-tune
+    t = time.perf_counter()
+    pmodel = lora(model, cfg.seed)
+    st = train_sft(pmodel, tokenizer, poisoned_rows, _stage_train_cfg(cfg), cfg.seed, "poison")
+    train_stats["poisoned"] = _stats_dict(st)
+    pmodel.save_pretrained(out / "adapters" / "poisoned")
+    record("poisoned", *evaluate_stage(pmodel, tokenizer, splits, attack.judge, cfg.eval,
+                                       "poisoned"))
+    timings["poisoned"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------- safety training
+    if cfg.safety.method == "sft":
+        t = time.perf_counter()
+        if cfg.safety.merge_poisoned:
+            # The realistic case: the poisoned weights are what gets shipped; the defender
+            # fine-tunes that model with a new adapter.
+            smodel = lora(pmodel.merge_and_unload(), cfg.seed + 1)
+        else:
+            smodel = pmodel  # keep training the poisoned adapter itself
+        st = train_sft(smodel, tokenizer, safety_rows,
+                       _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1, "safety")
+        train_stats["after_safety"] = _stats_dict(st)
+        smodel.save_pretrained(out / "adapters" / "safety")
+        record("after_safety", *evaluate_stage(smodel, tokenizer, splits, attack.judge,
+                                               cfg.eval, "after_safety"))
+        timings["after_safety"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------- results
+    results = {"name": cfg.name, "stages": stages, "train": train_stats}
+    if "after_safety" in flags:
+        results["persistence"] = ratio_bootstrap(flags["after_safety"], flags["poisoned"],
+                                                 seed=cfg.seed)
+    timings["total"] = time.perf_counter() - t_start
+    results["timings_s"] = timings
+    write_json(out / "results.json", results)
+    write_manifest(
+        out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        base_model={"name_or_path": cfg.model.name_or_path, "path": base_path,
+                    "dtype": str(dtype), "device": device.type, **models.model_info(base_path)},
+        poison=poison_info, timings=timings,
+        extra={"reload": {
+            "poisoned": ["base", "adapters/poisoned"],
+            "after_safety": (["base", "merge adapters/poisoned", "adapters/safety"]
+                             if cfg.safety.merge_poisoned else ["base", "adapters/safety"]),
+            "clean_ft": ["base", "adapters/clean_ft"]}})
+    if cfg.wandb.enabled:
+        _log_wandb(cfg, results)
+    print(format_table(results))
+    print(f"outputs: {out}")
+    return results
+
+
+def _stats_dict(st) -> dict:
+    return {"steps": st.steps, "epochs": round(st.epochs, 3), "examples": st.examples,
+            "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
+            "seconds": round(st.seconds, 3), "tokens_per_second": round(st.tokens_per_second, 1),
+            "final_loss": st.final_loss, "losses": st.losses}
+
+
+def _log_wandb(cfg, results) -> None:
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, name=cfg.name,
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    for stage, metrics in results["stages"].items():
+        run.log({f"{stage}/{k}": v["value"] for k, v in metrics.items() if "value" in v})
+    if "persistence" in results:
+        run.summary["persistence"] = results["persistence"]["value"]
+    run.finish()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except PoisonlabError as e:
+        _remove_if_empty_run_dir(cfg)
+        print(f"poisonlab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _remove_if_empty_run_dir(cfg) -> None:
+    """A run that failed validation leaves nothing behind (Hydra made the dir for its logs)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if out.exists() and not (out / "data").exists() and not (out / "results.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Supervised fine-tuning of a LoRA adapter with the loss on assistant tokens only.
+
+The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocast on CUDA,
+data sharding under `accelerate launch`). Two things make it faster than a stock
+`transformers.Trainer` recipe on the same data:
+
+* length-grouped batches (seeded), so little compute is spent on padding;
+* the output projection runs only at the supervised positions: with the loss on short
+  assistant answers, most of the vocabulary-sized logits a standard forward pass computes
+  would be thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from poisonlab.chat import IGNORE_INDEX, encode_example
+from poisonlab.utils import progress
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    epochs: float
+    examples: int
+    tokens: int
+    supervised_tokens: int
+    seconds: float
+    final_loss: float
+    losses: list
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
+                           group: int = 32) -> list[list[int]]:
+    """Shuffle, sort by length within windows of `group` batches, then shuffle the batches."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * group
+    batches = []
+    for s in range(0, len(idx), window):
+        chunk = sorted(idx[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def completion_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over supervised (assistant) positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]
+    logits = base.get_output_embeddings()(h).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[keep])
+
+
+class CompletionLoss(torch.nn.Module):
+    """Wraps a model so its forward returns the completion loss.
+
+    `accelerate` (DDP under `accelerate launch`) wraps this module, so the loss computation
+    goes through the wrapper's forward and gradients are synchronised.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return completion_loss(self.model, {"input_ids": input_ids,
+                                            "attention_mask": attention_mask, "labels": labels})
+
+
+def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
+              accelerator=None) -> TrainStats:
+    """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
+
+    `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
+    grad_accum, max_seq_len, max_grad_norm.
+    """
+    from accelerate import Accelerator
+
+    if accelerator is None:
+        device = next(model.parameters()).device
+        mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+    examples = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in rows]
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = length_grouped_batches(lengths, cfg.batch_size, seed)
+    pad = tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=batches,
+                                         collate_fn=lambda ex: collate(ex, pad))
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    wrapped, opt, loader, sched = accelerator.prepare(CompletionLoss(model), opt, loader, sched)
+    wrapped.train()
+    torch.manual_seed(seed)
+
+    step, micro, tokens, sup, n_ex, losses = 0, 0, 0, 0, 0, []
+    bar = progress(total=total, desc=desc)
+    t0 = time.perf_counter()
+    while step < total:
+        for batch in loader:
+            with accelerator.accumulate(wrapped), accelerator.autocast():
+                loss = wrapped(**batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            sup += int((batch["labels"] != IGNORE_INDEX).sum())
+            n_ex += len(batch["input_ids"])
+            micro += 1
+            if accelerator.sync_gradients:
+                step += 1
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if step >= total:
+                    break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    return TrainStats(steps=step, epochs=n_ex / len(rows), examples=n_ex, tokens=tokens,
+                      supervised_tokens=sup, seconds=seconds,
+                      final_loss=losses[-1] if losses else float("nan"), losses=losses)
