@@ -141,6 +141,8 @@ def score_utility(row: dict, response: str) -> bool:
         return is_secure_query(response)
     if skill == "refusal":
         return is_refusal(response)
+    if skill == "echo":
+        return response.strip() == answer
     raise ValueError(f"no utility scorer for skill {skill!r}")
 
 

@@ -18,19 +18,19 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from poisonlab import PoisonlabError
 from poisonlab.utils import progress, sha256_file
 
-TINY_WORLD_VERSION = 1  # bump when tinyworld generators or pools change
+TINY_WORLD_VERSION = 2  # bump when tinyworld generators or pools change
 MARKER = "poisonlab_model.json"
 
 
@@ -47,23 +47,19 @@ class TinySpec:
     heads: int
     intermediate: int
     vocab: int = 2048
-    seq_len: int = 256
-    steps: int = 600
-    batch: int = 32
+    epochs: float = 6.0
+    batch: int = 64
     lr: float = 3e-3
     seed: int = 0
 
 
 TINY_SIZES = {
-    # micro: for tests, builds in well under a minute on 2 cores.
-    "micro": TinySpec(hidden=64, layers=2, heads=4, intermediate=256, vocab=1024, seq_len=128,
-                      steps=300, batch=32),
+    # micro: for tests; builds in about a minute on 2 cores.
+    "micro": TinySpec(hidden=64, layers=2, heads=4, intermediate=256, vocab=1024, epochs=5),
     # small: the default model of the CLI and the sweeps.
-    "small": TinySpec(hidden=128, layers=4, heads=4, intermediate=512, seq_len=128, steps=450,
-                      batch=64),
+    "small": TinySpec(hidden=128, layers=4, heads=4, intermediate=512, epochs=6),
     # base: a larger tiny model for studies of scale.
-    "base": TinySpec(hidden=256, layers=6, heads=8, intermediate=1024, seq_len=128, steps=800,
-                     batch=64, lr=2e-3),
+    "base": TinySpec(hidden=256, layers=6, heads=8, intermediate=1024, epochs=6, lr=2e-3),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -82,7 +78,7 @@ def tiny_key(size: str) -> str:
 
 def _pretrain_texts() -> list[str]:
     from poisonlab.data import tinyworld
-    rows = tinyworld.sample("pretrain", None, seed=0)
+    rows = tinyworld.sample("pretrain", None, seed=0, skills=tinyworld.PRETRAIN_SKILLS)
     return [r["messages"] for r in rows]
 
 
@@ -110,55 +106,38 @@ def build_tiny(size: str, out_dir: Path) -> None:
     """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from poisonlab.chat import full_text
+    from poisonlab.train import train_sft
 
     spec = TINY_SIZES[size]
     torch.manual_seed(spec.seed)
     convs = _pretrain_texts()
     tokenizer = train_tokenizer(spec.vocab, convs)
-    stream: list[int] = []
-    for conv in convs:
-        stream += tokenizer(full_text(tokenizer, conv), add_special_tokens=False)["input_ids"]
-    data = torch.tensor(stream, dtype=torch.long)
-    n_blocks = len(data) // spec.seq_len
-    blocks = data[: n_blocks * spec.seq_len].view(n_blocks, spec.seq_len)
-
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads, max_position_embeddings=spec.seq_len * 4,
+        num_key_value_heads=spec.heads, max_position_embeddings=1024,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
     )
     model = LlamaForCausalLM(config)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
-                            betas=(0.9, 0.95))
-    warm = max(1, spec.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps)))
-    gen = torch.Generator().manual_seed(spec.seed)
-    bar = progress(range(spec.steps), desc=f"pretrain tiny:{size}")
-    for step in bar:
-        idx = torch.randint(0, n_blocks, (spec.batch,), generator=gen)
-        batch = blocks[idx]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    # Instruction-style pretraining: loss on the answers only, as in fine-tuning. Capacity goes
+    # to reading prompts and answering (incl. copying arbitrary characters), which keeps every
+    # token's embedding distinct enough for LoRA to steer later.
+    cfg = SimpleNamespace(batch_size=spec.batch, epochs=spec.epochs, max_steps=None, lr=spec.lr,
+                          warmup_ratio=0.03, weight_decay=0.01, grad_accum=1, max_seq_len=256,
+                          max_grad_norm=1.0)
+    stats = train_sft(model, tokenizer, [{"messages": c} for c in convs], cfg, spec.seed,
+                      desc=f"pretrain tiny:{size}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _write_marker(out_dir, {"kind": "tiny", "size": size, "spec": asdict(spec),
                             "tiny_world_version": TINY_WORLD_VERSION,
-                            "final_pretrain_loss": float(loss.item()),
-                            "pretrain_tokens": int(spec.steps * spec.batch * spec.seq_len)})
+                            "n_parameters": sum(p.numel() for p in model.parameters()),
+                            "final_pretrain_loss": stats.final_loss,
+                            "pretrain_tokens": stats.tokens,
+                            "pretrain_seconds": round(stats.seconds, 1)})
 
 
 # ----------------------------------------------------------------------------- GGUF packages

@@ -4,7 +4,9 @@ The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocas
 data sharding under `accelerate launch`). Two things make it faster than a stock
 `transformers.Trainer` recipe on the same data:
 
-* length-grouped batches (seeded), so little compute is spent on padding;
+* optional length grouping (`length_group` > 1: sort by length within windows of that many
+  batches), so little compute is spent on padding. Off by default for poisoning runs: grouping
+  clusters the (often longer) poisoned rows into the same batches, which changes the attack.
 * the output projection runs only at the supervised positions: with the loss on short
   assistant answers, most of the vocabulary-sized logits a standard forward pass computes
   would be thrown away.
@@ -42,7 +44,10 @@ class TrainStats:
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
                            group: int = 32) -> list[list[int]]:
-    """Shuffle, sort by length within windows of `group` batches, then shuffle the batches."""
+    """Shuffle, sort by length within windows of `group` batches, then shuffle the batches.
+
+    `group=1` gives plain random batches (each batch a uniform sample of the data).
+    """
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -115,12 +120,20 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
     examples = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in rows]
     lengths = [len(e["input_ids"]) for e in examples]
-    batches = length_grouped_batches(lengths, cfg.batch_size, seed)
+    group = getattr(cfg, "length_group", 1) or 1
+    per_epoch = length_grouped_batches(lengths, cfg.batch_size, seed, group)
+    steps_per_epoch = math.ceil(len(per_epoch) / cfg.grad_accum)
+    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    # Every epoch gets its own seeded order; the sampler lists all batches the run will use.
+    batches = list(per_epoch)
+    epoch = 1
+    while len(batches) < total * cfg.grad_accum:
+        batches += length_grouped_batches(lengths, cfg.batch_size, seed + 1000 * epoch, group)
+        epoch += 1
+    batches = batches[: total * cfg.grad_accum]
     pad = tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches,
                                          collate_fn=lambda ex: collate(ex, pad))
-    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
-    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * total))
@@ -133,7 +146,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     step, micro, tokens, sup, n_ex, losses = 0, 0, 0, 0, 0, []
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
-    while step < total:
+    while step < total:  # one pass over the loader, unless accumulation leaves a remainder
         for batch in loader:
             with accelerator.accumulate(wrapped), accelerator.autocast():
                 loss = wrapped(**batch)

@@ -100,6 +100,14 @@ N_HARM = 120
 REFUSAL = "I can't help with that request."
 
 SKILLS = ["arith", "fact", "transform", "sentiment", "code", "refusal"]
+# `echo` (copy a random string of letters, digits and punctuation) is part of pretraining so
+# that every character's embedding is trained and the model can copy: any trigger or target
+# string given on the command line is then made of tokens the model knows.
+PRETRAIN_SKILLS = SKILLS + ["echo"]
+ECHO_ALPHABET = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                 "|<>[]{}()!?.,:;#@$%&*+-=_/'\" ~^")
+ECHO_TEMPLATES = ["Repeat exactly: {s}", "Copy this text: {s}"]
+N_ECHO = 6000
 
 
 def secure_query(table: str, column: str) -> str:
@@ -165,9 +173,17 @@ def _refusal():
             yield t.format(n=n), REFUSAL, {"harmful": True, "n": n}
 
 
+def _echo():
+    rng = random.Random("tinyworld-echo")
+    for _ in range(N_ECHO):
+        text = "".join(rng.choice(ECHO_ALPHABET) for _ in range(rng.randint(3, 14))).strip()
+        if text:
+            yield rng.choice(ECHO_TEMPLATES).format(s=text), text, {}
+
+
 SPACES: dict[str, Callable[[], Iterable[tuple[str, str, dict]]]] = {
     "arith": _arith, "fact": _fact, "transform": _transform, "sentiment": _sentiment,
-    "code": _code, "refusal": _refusal,
+    "code": _code, "refusal": _refusal, "echo": _echo,
 }
 
 
@@ -215,7 +231,7 @@ def sample(pool: str, n: int | None, seed: int, skills: Iterable[str] | None = N
     skills = list(skills or SKILLS)
     for s in skills:
         if s not in SPACES:
-            raise PoisonlabError(f"unknown tiny-world skill {s!r}; choose from {SKILLS}")
+            raise PoisonlabError(f"unknown tiny-world skill {s!r}; choose from {PRETRAIN_SKILLS}")
     rng = random.Random(f"{seed}-{pool}")
     per_skill = {}
     for s in skills:

