@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from poisonlab import PoisonlabError
-from poisonlab.utils import progress, sha256_file
+from poisonlab.utils import sha256_file
 
 TINY_WORLD_VERSION = 2  # bump when tinyworld generators or pools change
 MARKER = "poisonlab_model.json"

@@ -28,10 +28,7 @@ from poisonlab.evaluate import evaluate_stage, ratio_bootstrap
 from poisonlab.report import format_table
 from poisonlab.results import write_generations, write_json, write_manifest
 from poisonlab.train import train_sft
-from poisonlab.utils import read_jsonl, seed_everything, write_jsonl
-
-STAGES = ("base", "clean_ft", "poisoned", "after_safety")
-
+from poisonlab.utils import seed_everything, write_jsonl
 
 # ----------------------------------------------------------------------------- validation
 
@@ -184,50 +181,42 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
         flags[stage] = [g["target"] for g in gens["triggered"]]
         write_generations(out, stage, gens)
 
+    def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed):
+        """Train `peft_model` on `rows`, save its adapter, evaluate it as `stage`."""
+        t = time.perf_counter()
+        st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage)
+        train_stats[stage] = _stats_dict(st)
+        peft_model.save_pretrained(out / "adapters" / adapter)
+        record(stage, *evaluate_stage(peft_model, tokenizer, splits, attack.judge, cfg.eval,
+                                      stage))
+        timings[stage] = time.perf_counter() - t
+
     t = time.perf_counter()
     model = fresh_base()
     record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtype))
-    timings["eval_base"] = time.perf_counter() - t
+    timings["base"] = time.perf_counter() - t
 
     # -------------------------------------------------------------- control: clean fine-tune
     if cfg.control:
-        t = time.perf_counter()
-        ctrl = lora(model, cfg.seed)
-        st = train_sft(ctrl, tokenizer, train_rows, _stage_train_cfg(cfg), cfg.seed, "clean_ft")
-        train_stats["clean_ft"] = _stats_dict(st)
-        ctrl.save_pretrained(out / "adapters" / "clean_ft")
-        record("clean_ft", *evaluate_stage(ctrl, tokenizer, splits, attack.judge, cfg.eval,
-                                           "clean_ft"))
-        del ctrl
-        model = fresh_base()
-        timings["clean_ft"] = time.perf_counter() - t
+        finetune_and_evaluate(lora(model, cfg.seed), train_rows, "clean_ft", "clean_ft",
+                              _stage_train_cfg(cfg), cfg.seed)
+        model = fresh_base()  # the control's adapter was injected into `model`
 
     # -------------------------------------------------------------- poisoned fine-tune
-    t = time.perf_counter()
     pmodel = lora(model, cfg.seed)
-    st = train_sft(pmodel, tokenizer, poisoned_rows, _stage_train_cfg(cfg), cfg.seed, "poison")
-    train_stats["poisoned"] = _stats_dict(st)
-    pmodel.save_pretrained(out / "adapters" / "poisoned")
-    record("poisoned", *evaluate_stage(pmodel, tokenizer, splits, attack.judge, cfg.eval,
-                                       "poisoned"))
-    timings["poisoned"] = time.perf_counter() - t
+    finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", _stage_train_cfg(cfg),
+                          cfg.seed)
 
     # -------------------------------------------------------------- safety training
     if cfg.safety.method == "sft":
-        t = time.perf_counter()
         if cfg.safety.merge_poisoned:
             # The realistic case: the poisoned weights are what gets shipped; the defender
             # fine-tunes that model with a new adapter.
             smodel = lora(pmodel.merge_and_unload(), cfg.seed + 1)
         else:
             smodel = pmodel  # keep training the poisoned adapter itself
-        st = train_sft(smodel, tokenizer, safety_rows,
-                       _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1, "safety")
-        train_stats["after_safety"] = _stats_dict(st)
-        smodel.save_pretrained(out / "adapters" / "safety")
-        record("after_safety", *evaluate_stage(smodel, tokenizer, splits, attack.judge,
-                                               cfg.eval, "after_safety"))
-        timings["after_safety"] = time.perf_counter() - t
+        finetune_and_evaluate(smodel, safety_rows, "after_safety", "safety",
+                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1)
 
     # -------------------------------------------------------------- results
     results = {"name": cfg.name, "stages": stages, "train": train_stats}
