@@ -4,8 +4,9 @@ The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocas
 data sharding under `accelerate launch`). Two things make it faster than a stock
 `transformers.Trainer` recipe on the same data:
 
-* length grouping (`length_group` > 1: sort by length within windows of that many batches,
-  then shuffle the batches), so little compute is spent on padding. Grouping by the poisoned
+* optional length grouping (`length_group` > 1: sort by length within windows of that many
+  batches, then shuffle the batches). Off by default: with packing it saves little, and
+  same-length (mostly same-skill) batches make short runs less stable. Grouping by the poisoned
   rows' own lengths would cluster the (longer) poisons into the same batches and change the
   attack, so the pipeline groups by the length of each row's *clean* original
   (`group_lengths`): batch composition is then independent of which rows were poisoned.
