@@ -182,17 +182,17 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
         flags[stage] = [g["target"] for g in gens["triggered"]]
         write_generations(out, stage, gens)
 
-    # Batches are length-grouped by the clean rows' lengths for every fine-tune on the
-    # training set, so the poisoned and the control run see batches of the same composition.
+    # With train.length_group > 1, batches on the training set are grouped by the clean rows'
+    # lengths, so the poisoned and the control run see batches of the same composition.
     clean_lengths = [len(encode_example(tokenizer, r["messages"], cfg.train.max_seq_len)["input_ids"])
                      for r in train_rows]
 
-    def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed):
+    def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed,
+                              group_lengths=None):
         """Train `peft_model` on `rows`, save its adapter, evaluate it as `stage`."""
         t = time.perf_counter()
-        lengths = clean_lengths if rows is poisoned_rows or rows is train_rows else None
         st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
-                       group_lengths=lengths)
+                       group_lengths=group_lengths)
         train_stats[stage] = _stats_dict(st)
         peft_model.save_pretrained(out / "adapters" / adapter)
         record(stage, *evaluate_stage(peft_model, tokenizer, splits, attack.judge, cfg.eval,
@@ -207,13 +207,13 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     # -------------------------------------------------------------- control: clean fine-tune
     if cfg.control:
         finetune_and_evaluate(lora(model, cfg.seed), train_rows, "clean_ft", "clean_ft",
-                              _stage_train_cfg(cfg), cfg.seed)
+                              _stage_train_cfg(cfg), cfg.seed, clean_lengths)
         model = fresh_base()  # the control's adapter was injected into `model`
 
     # -------------------------------------------------------------- poisoned fine-tune
     pmodel = lora(model, cfg.seed)
     finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", _stage_train_cfg(cfg),
-                          cfg.seed)
+                          cfg.seed, clean_lengths)
 
     # -------------------------------------------------------------- safety training
     if cfg.safety.method == "sft":
