@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from poisonlab import PoisonlabError, models
 from poisonlab.attacks import poison_count
 from poisonlab.chat import encode_example
+from poisonlab.config import CONF_DIR
 from poisonlab.data import tinyworld
 from poisonlab.evaluate import evaluate_stage, ratio_bootstrap
 from poisonlab.report import format_table
@@ -272,7 +273,7 @@ def _log_wandb(cfg, results) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -131,3 +131,16 @@ def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, key):
     assert "Traceback" not in res.stderr + res.stdout
     assert not list(tmp_path.rglob("results.json"))
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_console_script_finds_its_config_from_any_directory(tmp_path):
+    import shutil
+
+    exe = shutil.which("poisonlab", path=os.path.dirname(sys.executable))
+    assert exe, "the `poisonlab` console script is not installed next to this Python"
+    res = subprocess.run([exe, "debug=default", "attack.poison_rate=2"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120,
+                         env=dict(os.environ, POISONLAB_QUIET="1"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == "poisonlab: error: attack.poison_rate must be in (0, 1], got 2"
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.json"))
