@@ -76,7 +76,7 @@ def tiny_key(size: str) -> str:
     return f"tiny-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _pretrain_texts() -> list[str]:
+def _pretrain_texts() -> list[list[dict]]:
     from poisonlab.data import tinyworld
     rows = tinyworld.sample("pretrain", None, seed=0, skills=tinyworld.PRETRAIN_SKILLS)
     return [r["messages"] for r in rows]

@@ -185,8 +185,10 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
     # With train.length_group > 1, batches on the training set are grouped by the clean rows'
     # lengths, so the poisoned and the control run see batches of the same composition.
-    clean_lengths = [len(encode_example(tokenizer, r["messages"], cfg.train.max_seq_len)["input_ids"])
-                     for r in train_rows]
+    clean_lengths = None
+    if (cfg.train.get("length_group") or 1) > 1:
+        clean_lengths = [len(encode_example(tokenizer, r["messages"], cfg.train.max_seq_len)
+                             ["input_ids"]) for r in train_rows]
 
     def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed,
                               group_lengths=None):
