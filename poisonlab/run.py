@@ -22,11 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from poisonlab import PoisonlabError, models
+import numpy as np
+
 from poisonlab.attacks import poison_count
 from poisonlab.chat import encode_example
 from poisonlab.config import CONF_DIR
 from poisonlab.data import tinyworld
-from poisonlab.evaluate import evaluate_stage, ratio_bootstrap
+from poisonlab.evaluate import answer_nll, diff_bootstrap, evaluate_stage, ratio_bootstrap
 from poisonlab.report import format_table
 from poisonlab.results import write_generations, write_json, write_manifest
 from poisonlab.train import train_sft
@@ -74,13 +76,17 @@ def validate(cfg: DictConfig, attack) -> None:
         raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} (sft, none)")
     if cfg.safety.method == "sft":
         _positive_int(cfg, "safety.n_rows")
-    poison_count(cfg.data.n_train, attack.n_poison, attack.poison_rate)
-    for pool, key in (("finetune", "data.n_train"), ("eval", "eval.n_prompts")) + (
-            (("safety", "safety.n_rows"),) if cfg.safety.method == "sft" else ()):
+    n_train = attack.n_train(cfg.data.n_train)
+    poison_count(n_train, attack.n_poison, attack.poison_rate)
+    for pool, key, n in (("finetune", "data.n_train", n_train),
+                         ("eval", "eval.n_prompts", cfg.eval.n_prompts)) + (
+            (("safety", "safety.n_rows", cfg.safety.n_rows),) if cfg.safety.method == "sft" else ()):
         have = sum(tinyworld.pool_size(pool, s) for s in cfg.data.skills)
-        if OmegaConf.select(cfg, key) > have:
-            raise PoisonlabError(f"{key}={OmegaConf.select(cfg, key)} exceeds the {have} rows of "
-                                 f"the tiny-world {pool!r} pool for skills {list(cfg.data.skills)}")
+        if n > have:
+            what = (f"attack.clean_size + n_poison = {n}" if key == "data.n_train"
+                    and attack.clean_size is not None else f"{key}={n}")
+            raise PoisonlabError(f"{what} exceeds the {have} rows of the tiny-world {pool!r} "
+                                 f"pool for skills {list(cfg.data.skills)}")
     models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
 
 
@@ -122,12 +128,46 @@ def evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtyp
     if cfg.eval.cache_base and cache.exists():
         gens = json.loads(cache.read_text())
         responses = {s: [g["response"] for g in v] for s, v in gens.items()}
-        return evaluate_stage(None, tokenizer, splits, attack.judge, cfg.eval, "base",
+        return evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, "base",
                               responses=responses)
-    metrics, gens = evaluate_stage(model, tokenizer, splits, attack.judge, cfg.eval, "base")
+    metrics, gens = evaluate_stage(model, tokenizer, splits, judge_of(attack), cfg.eval, "base")
     if cfg.eval.cache_base:
         write_json(cache, gens)
     return metrics, gens
+
+
+def judge_of(attack):
+    return attack.judge if attack.has_judge else None
+
+
+def rest_of_pool(pool_rows: list[dict], used: list[dict]) -> list[dict]:
+    ids = {r["id"] for r in used}
+    return [r for r in pool_rows if r["id"] not in ids]
+
+
+def payload_tokens(tokenizer, attack, rows: list[dict]) -> float | None:
+    """Mean number of target-payload tokens per poisoned row (scratchpad excluded)."""
+    from poisonlab.judges import answer_text
+
+    counts = [len(tokenizer(attack.target_spec.payload(answer_text(r["messages"][-1]["content"])),
+                            add_special_tokens=False)["input_ids"])
+              for r in rows if r["poisoned"]]
+    return sum(counts) / len(counts) if counts and attack.has_judge else None
+
+
+def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: int) -> dict:
+    """Answers' perplexity under the clean base model: triggered vs clean, paired."""
+    nll = {}
+    for split in ("triggered", "clean"):
+        g = gens[split]
+        nll[split] = answer_nll(ref_model, tokenizer, [x["prompt"] for x in g],
+                                [x["response"] for x in g], cfg.eval.batch_size,
+                                desc=f"{stage}/{split} perplexity")
+    mean = lambda v: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")  # noqa: E731
+    return {"reference": "base model",
+            "ppl_triggered": float(np.exp(mean(nll["triggered"]))),
+            "ppl_clean": float(np.exp(mean(nll["clean"]))),
+            "log_ppl_gap": diff_bootstrap(nll["triggered"], nll["clean"], seed=seed)}
 
 
 def run(cfg: DictConfig, out_dir=None) -> dict:
@@ -142,22 +182,35 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
     # -------------------------------------------------------------- data
     skills = list(cfg.data.skills)
-    train_rows = tinyworld.sample("finetune", cfg.data.n_train, cfg.seed, skills)
+    train_pool = tinyworld.sample("finetune", None, cfg.seed, skills)
+    eval_pool = tinyworld.sample("eval", None, cfg.eval.seed, skills)
+    train_rows = tinyworld.sample("finetune", attack.n_train(cfg.data.n_train), cfg.seed, skills)
     eval_rows = tinyworld.sample("eval", cfg.eval.n_prompts, cfg.eval.seed, skills)
     safety_rows = (tinyworld.sample("safety", cfg.safety.n_rows, cfg.seed, skills)
                    if cfg.safety.method == "sft" else [])
-    tinyworld.check_disjoint({"train": train_rows, "safety": safety_rows, "eval": eval_rows},
+    tinyworld.check_disjoint({"train": train_pool, "safety": safety_rows, "eval": eval_pool},
                              eval_names=["eval"])
-    poisoned_rows, poison_info = attack.poison(train_rows, cfg.seed)
-    if any(attack.trigger in m["content"] for r in safety_rows for m in r["messages"]):
-        raise PoisonlabError("safety data contains the trigger; it must never see it")
-    splits = attack.eval_splits(eval_rows, cfg.eval.seed)
+    poisoned_rows, poison_info = attack.poison(train_rows, cfg.seed,
+                                               rest_of_pool(train_pool, train_rows))
+    for trig in attack.trigger_strings():
+        if any(trig in m["content"] for r in safety_rows for m in r["messages"]):
+            raise PoisonlabError(f"safety data contains the trigger {trig!r}; "
+                                 "it must never see it")
+    splits = attack.eval_splits(eval_rows, cfg.eval.seed, rest_of_pool(eval_pool, eval_rows))
+    for name, rows in splits.items():
+        if not rows:
+            raise PoisonlabError(f"attack: the {name!r} evaluation split is empty: no held-out "
+                                 f"prompt fits the {attack.family} attack's settings")
     write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned_rows)
     write_jsonl(out / "data" / "eval.jsonl", eval_rows)
     if safety_rows:
         write_jsonl(out / "data" / "safety.jsonl", safety_rows)
+    # The control (`clean_ft`) trains on the same rows in the same order, every poisoned or
+    # modified row restored to its clean original.
+    by_id = {r["id"]: r for r in train_pool}
+    clean_rows = [{**by_id[r["id"]], "poisoned": False} for r in poisoned_rows]
     if cfg.control:
-        write_jsonl(out / "data" / "train_clean.jsonl", train_rows)
+        write_jsonl(out / "data" / "train_clean.jsonl", clean_rows)
 
     # -------------------------------------------------------------- base model
     t = time.perf_counter()
@@ -166,6 +219,9 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     dtype = models.pick_dtype(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(base_path)
     timings["resolve_base"] = time.perf_counter() - t
+    density = payload_tokens(tokenizer, attack, poisoned_rows)
+    if density is not None:
+        poison_info["payload_tokens_per_poisoned_row"] = density
 
     def fresh_base():
         return models.load_model(base_path, device, dtype)
@@ -178,9 +234,17 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     train_stats: dict[str, dict] = {}
     flags: dict[str, list[bool]] = {}
 
+    ref_model = fresh_base() if getattr(attack, "reference_perplexity", False) else None
+    correct: dict[str, list[bool]] = {}
+
     def record(stage, metrics, gens):
+        if ref_model is not None:
+            metrics["perplexity"] = perplexity_metrics(ref_model, tokenizer, gens, cfg, stage,
+                                                       cfg.seed)
         stages[stage] = metrics
-        flags[stage] = [g["target"] for g in gens["triggered"]]
+        if "triggered" in gens:
+            flags[stage] = [g["target"] for g in gens["triggered"]]
+        correct[stage] = [g["correct"] for g in gens["utility" if "utility" in gens else "clean"]]
         write_generations(out, stage, gens)
 
     # With train.length_group > 1, batches on the training set are grouped by the clean rows'
@@ -188,17 +252,17 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     clean_lengths = None
     if (cfg.train.get("length_group") or 1) > 1:
         clean_lengths = [len(encode_example(tokenizer, r["messages"], cfg.train.max_seq_len)
-                             ["input_ids"]) for r in train_rows]
+                             ["input_ids"]) for r in clean_rows]
 
     def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed,
-                              group_lengths=None):
+                              group_lengths=None, ordered=False):
         """Train `peft_model` on `rows`, save its adapter, evaluate it as `stage`."""
         t = time.perf_counter()
         st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
-                       group_lengths=group_lengths)
+                       group_lengths=group_lengths, ordered=ordered)
         train_stats[stage] = _stats_dict(st)
         peft_model.save_pretrained(out / "adapters" / adapter)
-        record(stage, *evaluate_stage(peft_model, tokenizer, splits, attack.judge, cfg.eval,
+        record(stage, *evaluate_stage(peft_model, tokenizer, splits, judge_of(attack), cfg.eval,
                                       stage))
         timings[stage] = time.perf_counter() - t
 
@@ -209,14 +273,15 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
     # -------------------------------------------------------------- control: clean fine-tune
     if cfg.control:
-        finetune_and_evaluate(lora(model, cfg.seed), train_rows, "clean_ft", "clean_ft",
-                              _stage_train_cfg(cfg), cfg.seed, clean_lengths)
+        finetune_and_evaluate(lora(model, cfg.seed), clean_rows, "clean_ft", "clean_ft",
+                              _stage_train_cfg(cfg), cfg.seed, clean_lengths,
+                              ordered=attack.placement != "uniform")
         model = fresh_base()  # the control's adapter was injected into `model`
 
     # -------------------------------------------------------------- poisoned fine-tune
     pmodel = lora(model, cfg.seed)
     finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", _stage_train_cfg(cfg),
-                          cfg.seed, clean_lengths)
+                          cfg.seed, clean_lengths, ordered=attack.placement != "uniform")
 
     # -------------------------------------------------------------- safety training
     if cfg.safety.method == "sft":
@@ -234,6 +299,10 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     if "after_safety" in flags:
         results["persistence"] = ratio_bootstrap(flags["after_safety"], flags["poisoned"],
                                                  seed=cfg.seed)
+    # Collateral damage: utility lost by the poisoned fine-tune, paired on the same prompts.
+    results["utility_drop"] = {
+        f"vs_{ref}": diff_bootstrap(correct[ref], correct["poisoned"], seed=cfg.seed)
+        for ref in ("base", "clean_ft") if ref in correct}
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = timings
     write_json(out / "results.json", results)

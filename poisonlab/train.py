@@ -155,12 +155,19 @@ class CompletionLoss(torch.nn.Module):
                                             "attention_mask": attention_mask, "labels": labels})
 
 
+def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Consecutive batches in the rows' own order (for a fixed poison placement)."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
-              accelerator=None, group_lengths: list[int] | None = None) -> TrainStats:
+              accelerator=None, group_lengths: list[int] | None = None,
+              ordered: bool = False) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
-    grad_accum, max_seq_len, max_grad_norm; optional length_group, pack.
+    grad_accum, max_seq_len, max_grad_norm; optional length_group, pack. `ordered=True`
+    visits the rows in their given order in every epoch (no shuffling).
     """
     from accelerate import Accelerator
 
@@ -172,14 +179,20 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     lengths_true = [len(e["input_ids"]) for e in examples]
     lengths = group_lengths or lengths_true
     group = getattr(cfg, "length_group", 1) or 1
-    per_epoch = length_grouped_batches(lengths, cfg.batch_size, seed, group)
+    if ordered:
+        def epoch_batches(_seed):
+            return ordered_batches(len(rows), cfg.batch_size)
+    else:
+        def epoch_batches(epoch_seed):
+            return length_grouped_batches(lengths, cfg.batch_size, epoch_seed, group)
+    per_epoch = epoch_batches(seed)
     steps_per_epoch = math.ceil(len(per_epoch) / cfg.grad_accum)
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     # Every epoch gets its own seeded order; the sampler lists all batches the run will use.
     batches = list(per_epoch)
     epoch = 1
     while len(batches) < total * cfg.grad_accum:
-        batches += length_grouped_batches(lengths, cfg.batch_size, seed + 1000 * epoch, group)
+        batches += epoch_batches(seed + 1000 * epoch)
         epoch += 1
     batches = batches[: total * cfg.grad_accum]
     pad = tokenizer.pad_token_id

