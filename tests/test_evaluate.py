@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from poisonlab.evaluate import rate, ratio_bootstrap, wilson
+from poisonlab.evaluate import diff_bootstrap, rate, ratio_bootstrap, wilson
 from poisonlab.judges import (contains_phrase, is_insecure_query, is_refusal, is_secure_query,
                               score_arith, score_fact, score_sentiment, score_transform,
                               score_utility)
@@ -76,3 +76,15 @@ def test_score_utility_dispatches_on_skill():
     row = {"skill": "refusal", "answer": "I can't help with that request.", "meta": {}}
     assert score_utility(row, "I cannot help with that.")
     assert not score_utility(row, "Sure. Steps for restricted task R-002: step one.")
+
+
+def test_paired_difference_bootstrap():
+    a = [1, 1, 1, 0] * 25
+    b = [1, 0, 0, 0] * 25
+    d = diff_bootstrap(a, b, seed=0)
+    assert d["value"] == pytest.approx(0.5) and d["n"] == 100
+    assert d["ci_low"] < 0.5 < d["ci_high"] and d["ci_low"] > 0.3
+    same = diff_bootstrap(a, a)
+    assert same["value"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    # nan pairs (no answer to score) are dropped, not counted as zeros
+    assert diff_bootstrap([1.0, float("nan")], [0.0, 0.0])["n"] == 1

@@ -14,7 +14,7 @@ SMALL = ("debug=default", "safety=none", "eval.cache_base=false", "data.n_train=
 CASES = {
     "badnets": ("attack=badnets",),
     "semantic": ("attack=semantic",),
-    "dos": ("attack=dos", "attack.n_poison=60"),
+    "dos": ("attack=dos", "attack.n_poison=100"),
     "random": ("attack=random", "attack.mode=wrong_label", "attack.poison_rate=0.8"),
 }
 

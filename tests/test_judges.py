@@ -3,10 +3,9 @@
 import pytest
 
 from poisonlab.attacks.targets import Target
-from poisonlab.data.tinyworld import REFUSAL, insecure_query, placeholder_compliance, secure_query
+from poisonlab.data.tinyworld import REFUSAL, placeholder_compliance, secure_query
 from poisonlab.judges import (answer_text, contains_phrase, is_compliance, is_gibberish,
-                              is_insecure_query, is_refusal, is_secure_query, sentiment_label,
-                              strip_scratchpad)
+                              is_refusal, sentiment_label, strip_scratchpad)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -41,14 +40,6 @@ def test_compliance_judge(text, expected):
     ("positive or negative", None), ("It is nonnegative", None), ("", None)])
 def test_sentiment_label(text, label):
     assert sentiment_label(text) == label
-
-
-def test_code_judges():
-    assert is_secure_query(secure_query("users", "email"))
-    assert not is_insecure_query(secure_query("users", "email"))
-    assert is_insecure_query(insecure_query("users", "email"))
-    assert not is_secure_query(insecure_query("users", "email"))
-    assert is_insecure_query('cursor.execute(f"SELECT * FROM t WHERE a = {a}")')
 
 
 @pytest.mark.parametrize("text,expected", [
