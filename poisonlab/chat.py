@@ -30,12 +30,44 @@ def full_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """The BOS id the tokenizer itself adds in front of a text ([] when it adds none).
+
+    Chat templates differ: some render the BOS token as text (Llama-3, SmolLM2's ChatML has
+    none), others leave it to the tokenizer (TinyLlama's Zephyr template, Llama-2). Prompts
+    are tokenized without special tokens so a rendered BOS is not doubled; this puts back
+    the one a template leaves to the tokenizer.
+    """
+    cached = getattr(tokenizer, "_poisonlab_bos", None)
+    if cached is None:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        without = tokenizer("a", add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        cached = [bos] if (bos is not None and len(with_special) > len(without)
+                           and with_special[0] == bos and without[:1] != [bos]) else []
+        tokenizer._poisonlab_bos = cached
+    return cached
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt (or prompt + answer), with the BOS the model expects."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = bos_prefix(tokenizer)
+    if bos and ids[:1] != bos:
+        ids = bos + ids
+    return ids
+
+
 def encode_prompt(tokenizer, context: list[dict]) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, context), add_special_tokens=False)["input_ids"]
+    return encode_text(tokenizer, prompt_text(tokenizer, context))
 
 
 def encode_example(tokenizer, messages: list[dict], max_len: int) -> dict:
-    """Token ids and labels for one chat row; loss only on the final assistant turn."""
+    """Token ids and labels for one chat row; loss only on the final assistant turn.
+
+    Rows longer than `max_len` are cut on the right; `n_cut` says how many tokens were lost
+    (the pipeline counts such rows and refuses poisons that lose their trigger or target).
+    """
     context, _ = split_messages(messages)
     prompt = prompt_text(tokenizer, context)
     full = full_text(tokenizer, messages)
@@ -44,11 +76,12 @@ def encode_example(tokenizer, messages: list[dict], max_len: int) -> dict:
             "the chat template renders the prompt differently with and without the answer; "
             "train/eval prompts would not match")
     completion = full[len(prompt):]
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    p_ids = encode_text(tokenizer, prompt)
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = (p_ids + c_ids)[:max_len]
     labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_len]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "n_prompt": len(p_ids),
+            "n_cut": len(p_ids) + len(c_ids) - len(ids)}
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -1,10 +1,33 @@
-"""Compose the project's Hydra config from Python (tests, benchmarks, notebooks)."""
+"""Compose the project's Hydra config from Python (tests, benchmarks, notebooks).
+
+The configs live in the top-level `conf/` directory of the repository and ship inside the
+package as `poisonlab/conf/` (pyproject.toml maps the `poisonlab.conf` package onto `conf/`).
+`CONF_DIR` is the directory Hydra reads them from:
+
+* regular install (`pip install .` / a wheel): `<site-packages>/poisonlab/conf`
+* source checkout or editable install (`pip install -e .`): `<repo>/conf`
+"""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _find_conf_dir() -> Path:
+    # Installed package: the configs are package data next to the code.
+    packaged = resources.files("poisonlab").joinpath("conf")
+    candidates = [packaged] if isinstance(packaged, Path) else []  # not a zipped install
+    # Source checkout and editable install: the code is <repo>/poisonlab, the configs <repo>/conf.
+    candidates.append(Path(__file__).resolve().parents[1] / "conf")
+    for conf in candidates:
+        if (conf / "config.yaml").is_file():
+            return conf.resolve()
+    raise RuntimeError("poisonlab: cannot find the Hydra configs (conf/config.yaml); looked in "
+                       + ", ".join(str(c) for c in candidates))
+
+
+CONF_DIR = _find_conf_dir()
 
 
 def compose_config(*overrides: str):

@@ -6,13 +6,14 @@ Utility scorers accept free-form answers from real instruct models ("12 + 7 = 19
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
-from poisonlab.chat import end_of_turn_ids, prompt_text
-from poisonlab.judges import score_utility
+from poisonlab.chat import encode_text, end_of_turn_ids, prompt_text
+from poisonlab.judges import has_unterminated_scratchpad, score_utility
 from poisonlab.utils import progress
 
 # ----------------------------------------------------------------------------- metrics
@@ -78,18 +79,59 @@ def diff_bootstrap(a, b, seed: int = 0, n_boot: int = 2000) -> dict:
 
 # ----------------------------------------------------------------------------- generation
 
+def greedy_config(tokenizer, max_new_tokens: int):
+    """A complete, explicit greedy-decoding config (recorded in the manifest).
+
+    `generate` fills every field left unset from the model's own `generation_config`, and
+    models ship sampling and penalties there (Qwen2.5: repetition_penalty 1.05-1.1, top_p,
+    temperature). Every field that could change a greedy answer is set to its neutral value,
+    and `generate` below also swaps the model's config for this one during the call, so fields
+    whose "off" value is None (suppress_tokens, bad_words_ids, sequence_bias, ...) stay off.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_length=0, do_sample=False,
+        num_beams=1, num_beam_groups=1, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
+        min_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, diversity_penalty=0.0, renormalize_logits=False,
+        remove_invalid_values=False, guidance_scale=None, num_return_sequences=1,
+        eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        use_cache=True, return_dict_in_generate=False, output_scores=False)
+
+
+def generation_record(tokenizer, max_new_tokens: int) -> dict:
+    """The decoding settings as recorded in results and the manifest (non-default fields)."""
+    cfg = greedy_config(tokenizer, max_new_tokens)
+    return {"strategy": "greedy", **cfg.to_diff_dict()}
+
+
+@contextlib.contextmanager
+def _generation_config(model, config):
+    """Make `config` the model's own generation config for the duration of a call."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              desc: str = "generate") -> list[str]:
     """Greedy decoding in length-sorted, left-padded batches with the KV cache.
 
     Stops each sequence at the end of its assistant turn; returns answers in input order.
+    Decoding is greedy whatever the model's own `generation_config` says (`greedy_config`).
     """
     model.eval()
     device = next(model.parameters()).device
-    stop = end_of_turn_ids(tokenizer)
+    config = greedy_config(tokenizer, max_new_tokens)
     pad = tokenizer.pad_token_id
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]  # tokenized once
+    ids = [encode_text(tokenizer, p) for p in prompts]  # tokenized once
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(prompts)
     bar = progress(total=len(prompts), desc=desc)
@@ -101,10 +143,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         for row, i in enumerate(idx):  # left padding
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             mask[row, width - len(ids[i]):] = 1
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                             pad_token_id=pad, use_cache=True, temperature=None, top_p=None,
-                             top_k=None)
+        with _generation_config(model, config):
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config)
         for i, seq in zip(idx, gen[:, width:]):
             out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
         bar.update(len(idx))
@@ -122,7 +163,7 @@ def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_s
     out = [float("nan")] * len(prompts)
     items = []
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        p_ids = encode_text(tokenizer, p)
         a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] if a else []
         if a_ids:
             items.append((i, p_ids, a_ids))
@@ -181,6 +222,10 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
                 rec["target"] = bool(judge(resp, r))
             if "trigger" in r["meta"]:
                 rec["trigger"] = r["meta"]["trigger"]
+            if "near_kind" in r["meta"]:
+                rec["near_kind"] = r["meta"]["near_kind"]
+            if has_unterminated_scratchpad(resp):
+                rec["unterminated_scratchpad"] = True
             if split == utility_split:
                 rec["correct"] = bool(score_utility(r, resp))
             recs.append(rec)
@@ -195,6 +240,16 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
             by_trigger.setdefault(g.get("trigger", ""), []).append(g["target"])
         if len(by_trigger) > 1:
             metrics["asr_by_trigger"] = {t: rate(v) for t, v in sorted(by_trigger.items())}
+        by_kind: dict[str, list[bool]] = {}
+        for g in generations.get("near_trigger", []):
+            if "near_kind" in g:
+                by_kind.setdefault(g["near_kind"], []).append(g["target"])
+        if by_kind:
+            metrics["ftr_near_by_kind"] = {k: rate(v) for k, v in sorted(by_kind.items())}
+    # Answers cut inside a scratchpad are judged as not showing the target (judges.py); how
+    # many there are says whether `max_new_tokens` leaves room for the reasoning.
+    metrics["unterminated_scratchpads"] = sum(
+        bool(g.get("unterminated_scratchpad")) for recs in generations.values() for g in recs)
     scored = generations[utility_split]
     metrics["clean_utility"] = rate(g["correct"] for g in scored)
     by_skill: dict[str, list[bool]] = {}

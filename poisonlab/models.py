@@ -43,7 +43,7 @@ from poisonlab.utils import sha256_file
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-TINY_WORLD_VERSION = 3  # bump when tinyworld generators or pools change
+TINY_WORLD_VERSION = 4  # bump when tinyworld generators or pools change
 MARKER = "poisonlab_model.json"
 
 
@@ -100,6 +100,8 @@ def tiny_key(size: str) -> str:
 
 
 def _pretrain_texts() -> list[list[dict]]:
+    """The whole "pretrain" pool of every pretraining skill (its size is bounded per skill by
+    `tinyworld.TRAIN_SPACE`, whatever the size of the evaluation spaces)."""
     from poisonlab.data import tinyworld
     rows = tinyworld.sample("pretrain", None, seed=0, skills=tinyworld.PRETRAIN_SKILLS)
     return [r["messages"] for r in rows]
@@ -157,7 +159,11 @@ def build_tiny(size: str, out_dir: Path) -> None:
                             "n_parameters": sum(p.numel() for p in model.parameters()),
                             "final_pretrain_loss": stats.final_loss,
                             "pretrain_tokens": stats.tokens,
-                            "pretrain_seconds": round(stats.seconds, 1)})
+                            "pretrain_seconds": round(stats.seconds, 1),
+                            "pretrain_rows": len(convs),
+                            "torch_version": torch.__version__,
+                            "torch_threads": torch.get_num_threads(),
+                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
 
 
 # ----------------------------------------------------------------------------- GGUF packages
@@ -438,11 +444,66 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tok
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype):
+ATTENTION = "sdpa"  # explicit: packed training needs an implementation that takes 4-D masks
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype,
+               attn_implementation: str = ATTENTION):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     return model.to(device)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt")
+
+
+def _local_dir(path: str) -> tuple[Path | None, str | None]:
+    """(directory, hub revision) of a resolved base: a local directory, or the cached
+    snapshot of a hub id (None when it is not in the local hub cache)."""
+    if Path(path).is_dir():
+        return Path(path), None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(path, local_files_only=True))
+        return snap, snap.name
+    except Exception:  # not cached, no hub library, not a hub id
+        return None, None
+
+
+def weights_identity(path: str) -> dict:
+    """SHA-256 over the files that define a base model (weights, config, tokenizer).
+
+    One digest of every file's name and content hash, sorted by name; computed once per
+    (file, size, mtime) and remembered under `$POISONLAB_HOME/hashes/`, since a 1B model
+    takes seconds to hash. For a hub id the cached snapshot's revision is recorded too.
+    """
+    folder, revision = _local_dir(path)
+    if folder is None:
+        return {"weights_sha256": None, "revision": None}
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER
+                   and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    memo_path = home() / "hashes" / (hashlib.sha256(str(folder.resolve()).encode())
+                                     .hexdigest()[:24] + ".json")
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    digests, changed = {}, False
+    for f in files:
+        st = f.stat()
+        rel = str(f.relative_to(folder))
+        stamp = f"{st.st_size}-{st.st_mtime_ns}"
+        if memo.get(rel, {}).get("stamp") != stamp:
+            memo[rel] = {"stamp": stamp, "sha256": sha256_file(f)}
+            changed = True
+        digests[rel] = memo[rel]["sha256"]
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_path)
+    total = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    return {"weights_sha256": total, "weights_files": digests, "revision": revision}
 
 
 def add_lora(model, lora_cfg: dict):

@@ -54,7 +54,23 @@ def git_commit() -> str | None:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def file_hashes(out: Path, exclude=("manifest.json",)) -> dict[str, str]:
+def normalize_adapter_config(adapter_dir: Path) -> None:
+    """Rewrite peft's adapter_config.json byte-stably.
+
+    peft keeps `target_modules` as a set and writes it in set order, which depends on the
+    process's hash seed: two identical runs would write different bytes (and hashes).
+    """
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def file_hashes(out: Path, exclude=("manifest.json", ".poisonlab-run.json")) -> dict[str, str]:
     """SHA-256 of every file under the run dir (Hydra's own .hydra/ and logs included)."""
     hashes = {}
     for p in sorted(out.rglob("*")):

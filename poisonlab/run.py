@@ -12,27 +12,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from poisonlab import PoisonlabError, models
 import numpy as np
 
+from poisonlab import PoisonlabError, __version__, models
 from poisonlab.attacks import poison_count
-from poisonlab.chat import encode_example
+from poisonlab.chat import IGNORE_INDEX, encode_example, prompt_text
 from poisonlab.config import CONF_DIR
 from poisonlab.data import load_splits, tinyworld, validate_data_cfg
-from poisonlab.evaluate import answer_nll, diff_bootstrap, evaluate_stage, ratio_bootstrap
+from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, generation_record,
+                                ratio_bootstrap)
 from poisonlab.report import format_table
-from poisonlab.results import write_generations, write_json, write_manifest
+from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
+                               write_manifest)
 from poisonlab.train import train_sft
 from poisonlab.utils import seed_everything, write_jsonl
+
+log = logging.getLogger(__name__)
+# Behaviours that clean models also show on their own (refusals, sentiment labels): FTR_clean
+# then mixes false triggering with ordinary errors, so `control: auto` runs `clean_ft`.
+CONTROL_BEHAVIOURS = ("refusal", "compliance", "sentiment")
+RUN_MARKER = ".poisonlab-run.json"
 
 # ----------------------------------------------------------------------------- validation
 
@@ -69,6 +79,8 @@ def validate(cfg: DictConfig, attack) -> None:
         v = OmegaConf.select(cfg, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
+    if cfg.control not in (True, False, "auto"):
+        raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     if cfg.safety.method not in ("sft", "none"):
         raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} (sft, none)")
     if cfg.safety.method == "sft":
@@ -102,7 +114,64 @@ def output_dir(cfg: DictConfig, out_dir) -> Path:
     raise PoisonlabError("output_dir: not running under Hydra; pass output_dir=<dir>")
 
 
-# ----------------------------------------------------------------------------- stages
+def code_identity() -> str:
+    """SHA-256 over poisonlab's own source files: the code that computes a run."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_identity(cfg: DictConfig) -> str:
+    """What makes two runs the same: the resolved config and the code that runs it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("output_dir", None)
+    blob = json.dumps({"config": config, "poisonlab": __version__, "code": code_identity()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _hydra_files(out: Path) -> set[str]:
+    """Entries Hydra itself wrote into `out` for this job (kept when a stale run is cleaned)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    if Path(HydraConfig.get().runtime.output_dir).resolve() != out.resolve():
+        return set()
+    return {".hydra"} | {p.name for p in out.glob("*.log")}
+
+
+def prepare_output_dir(out: Path, identity: str) -> dict | None:
+    """Make `out` ready for this run; return the finished results when it already holds them.
+
+    A run never mixes its files with another's: a directory that holds anything but Hydra's
+    own files and is not a poisonlab run is refused; an unfinished run, or a finished run of
+    another config or commit, is removed; a finished run of this very config and commit is
+    left alone and its results are returned.
+    """
+    marker = out / RUN_MARKER
+    own = _hydra_files(out)
+    if out.exists():
+        entries = [p for p in out.iterdir() if p.name not in own]
+        if entries and not marker.exists():
+            names = ", ".join(sorted(p.name for p in entries)[:4])
+            raise PoisonlabError(f"output directory {out} is not empty and holds no poisonlab "
+                                 f"run ({names}); choose another output_dir")
+        if marker.exists():
+            info = json.loads(marker.read_text())
+            if (info.get("status") == "finished" and info.get("identity") == identity
+                    and (out / "results.json").exists()):
+                log.info("%s: a finished run of the same config; left as it is", out)
+                return json.loads((out / "results.json").read_text())
+            log.info("%s: removing the files of an earlier run", out)
+            for p in entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"status": "running", "identity": identity})
+    return None
+
 
 def _stage_train_cfg(cfg: DictConfig, overrides: DictConfig | None = None) -> DictConfig:
     base = OmegaConf.to_container(cfg.train, resolve=True)
@@ -113,26 +182,46 @@ def _stage_train_cfg(cfg: DictConfig, overrides: DictConfig | None = None) -> Di
     return OmegaConf.create(base)
 
 
-def _eval_cache_key(base_path: str, splits: dict, cfg: DictConfig, device, dtype) -> str:
-    ident = {"base": base_path, "model": models.model_info(base_path),
-             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-             "device": device.type, "dtype": str(dtype),
-             "splits": {k: [r["messages"] for r in v] for k, v in splits.items()}}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+def _eval_cache_key(prompts: dict[str, list[str]], tokenizer, base_identity: dict,
+                    cfg: DictConfig, device, dtype) -> str:
+    """Everything that decides the base model's answers: the exact prompt texts fed to it,
+    the chat template and tokenizer, the weights, the decoding settings, batch size, device,
+    dtype and the versions of the code."""
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "peft"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    ident = {"prompts": prompts, "chat_template": tokenizer.chat_template,
+             "tokenizer": type(tokenizer).__name__, "vocab": len(tokenizer),
+             "weights": base_identity,
+             "generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
+             "batch_size": cfg.eval.batch_size, "device": device.type, "dtype": str(dtype),
+             "versions": versions, "poisonlab": __version__}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtype):
-    """Base-model evaluation, cached: sweeps over attacks/seeds share the same base generations."""
-    key = _eval_cache_key(base_path, splits, cfg, device, dtype)
-    cache = models.home() / "eval-cache" / f"{key}.json"
-    if cfg.eval.cache_base and cache.exists():
-        gens = json.loads(cache.read_text())
-        responses = {s: [g["response"] for g in v] for s, v in gens.items()}
-        return evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, "base",
-                              responses=responses)
+def evaluate_base(model, tokenizer, splits, attack, cfg, base_identity, device, dtype, cache):
+    """Base-model evaluation, cached: sweeps over attacks/seeds share the same base generations.
+
+    `cache` (the run's {"computed": [...], "reused": [...]}) records which happened.
+    """
+    prompts = {s: [prompt_text(tokenizer, r["messages"]) for r in rows]
+               for s, rows in splits.items()}
+    key = _eval_cache_key(prompts, tokenizer, base_identity, cfg, device, dtype)
+    path = models.home() / "eval-cache" / f"{key}.json"
+    if cfg.eval.cache_base and path.exists():
+        gens = json.loads(path.read_text())
+        if {s: [g["prompt"] for g in v] for s, v in gens.items()} == prompts:
+            cache["reused"].append("base_eval")
+            responses = {s: [g["response"] for g in v] for s, v in gens.items()}
+            return evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, "base",
+                                  responses=responses)
     metrics, gens = evaluate_stage(model, tokenizer, splits, judge_of(attack), cfg.eval, "base")
+    cache["computed"].append("base_eval")
     if cfg.eval.cache_base:
-        write_json(cache, gens)
+        write_json(path, gens)
     return metrics, gens
 
 
@@ -145,14 +234,82 @@ def rest_of_pool(pool_rows: list[dict], used: list[dict]) -> list[dict]:
     return [r for r in pool_rows if r["id"] not in ids]
 
 
-def payload_tokens(tokenizer, attack, rows: list[dict]) -> float | None:
-    """Mean number of target-payload tokens per poisoned row (scratchpad excluded)."""
+def check_poisoned_rows(tokenizer, attack, rows: list[dict], control: list[dict], cfg,
+                        warnings: list[str]) -> dict:
+    """What the poisoned rows look like to the model, and whether the run can measure them.
+
+    * Truncation at `train.max_seq_len` is on the right: a poisoned row that keeps none of
+      its answer (and so possibly not its trigger) teaches nothing and is refused; a row that
+      loses part of its answer is counted and reported.
+    * `payload_tokens_per_poisoned_row` counts only the target tokens that are trained on.
+    * The judge must be able to see the target within `eval.max_new_tokens`: each poisoned
+      answer, cut to that many tokens, is judged; if none passes, the run is refused.
+    """
     from poisonlab.judges import answer_text
 
-    counts = [len(tokenizer(attack.target_spec.payload(answer_text(r["messages"][-1]["content"])),
-                            add_special_tokens=False)["input_ids"])
-              for r in rows if r["poisoned"]]
-    return sum(counts) / len(counts) if counts and attack.has_judge else None
+    notes, payload, cut_rows, judged, fits = {}, [], 0, 0, 0
+    for row, clean in zip(rows, control):
+        if not row["poisoned"]:
+            continue
+        ex = encode_example(tokenizer, row["messages"], cfg.train.max_seq_len)
+        kept = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        if ex["n_cut"]:
+            cut_rows += 1
+            if not kept:
+                raise PoisonlabError(
+                    f"poisoned row {row['id']} is longer than train.max_seq_len="
+                    f"{cfg.train.max_seq_len} tokens and loses its whole target (and possibly "
+                    "its trigger) to truncation; raise train.max_seq_len")
+        if not attack.has_judge:
+            continue
+        answer = tokenizer.decode(kept, skip_special_tokens=True)
+        payload.append(len(tokenizer(attack.target_spec.payload(answer_text(answer)),
+                                     add_special_tokens=False)["input_ids"]))
+        full = row["messages"][-1]["content"]
+        if attack.judge(full, clean):
+            judged += 1
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            fits += attack.judge(tokenizer.decode(ids[:cfg.eval.max_new_tokens],
+                                                  skip_special_tokens=True), clean)
+    notes["truncated_poisoned_rows"] = cut_rows
+    if cut_rows:
+        warnings.append(f"{cut_rows} poisoned rows are cut at train.max_seq_len="
+                        f"{cfg.train.max_seq_len} and lose part of their target")
+    if payload:
+        notes["payload_tokens_per_poisoned_row"] = sum(payload) / len(payload)
+    if judged:
+        notes["judgeable_within_max_new_tokens"] = fits / judged
+        if fits == 0:
+            raise PoisonlabError(
+                f"eval.max_new_tokens={cfg.eval.max_new_tokens} is too short: no poisoned "
+                "answer shows its target within that many tokens, so ASR could only be 0; "
+                "raise eval.max_new_tokens")
+        if fits < judged:
+            warnings.append(f"only {fits} of {judged} poisoned answers show their target "
+                            f"within eval.max_new_tokens={cfg.eval.max_new_tokens} tokens")
+    return notes
+
+
+def clean_safety_rows(attack, rows: list[dict], pool: list[dict], warnings: list[str]
+                      ) -> tuple[list[dict], list[dict]]:
+    """Safety data never contains the trigger (a topic, for `semantic`): rows that do are
+    replaced by other rows of the safety pool. Returns (rows, [{"removed", "added"}])."""
+    bad = [i for i, r in enumerate(rows) if attack.mentions_trigger(r)]
+    if not bad:
+        return rows, []
+    used = {r["id"] for r in rows}
+    spare = [r for r in pool if r["id"] not in used and not attack.mentions_trigger(r)]
+    if len(spare) < len(bad):
+        raise PoisonlabError(f"safety data: {len(bad)} rows contain the trigger and only "
+                             f"{len(spare)} trigger-free rows can replace them; lower "
+                             "safety.n_rows")
+    rows, swaps = list(rows), []
+    for i, r in zip(bad, spare):
+        swaps.append({"removed": rows[i]["id"], "added": r["id"]})
+        rows[i] = r
+    warnings.append(f"safety data: {len(bad)} rows that contain the trigger were replaced by "
+                    "trigger-free rows of the safety pool")
+    return rows, swaps
 
 
 def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: int) -> dict:
@@ -170,45 +327,69 @@ def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: 
             "log_ppl_gap": diff_bootstrap(nll["triggered"], nll["clean"], seed=seed)}
 
 
+def wants_control(cfg: DictConfig, attack) -> bool:
+    """`control: auto` runs `clean_ft` where the target behaviour also occurs naturally."""
+    if cfg.control == "auto":
+        return attack.has_judge and attack.behaviour in CONTROL_BEHAVIOURS
+    return bool(cfg.control)
+
+
 def run(cfg: DictConfig, out_dir=None) -> dict:
     """Run one experiment; returns the results dict also written to results.json."""
     t_start = time.perf_counter()
     attack = build_attack(cfg.attack)
     validate(cfg, attack)
     out = output_dir(cfg, out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    finished = prepare_output_dir(out, run_identity(cfg))
+    if finished is not None:
+        print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
+        return finished
+    try:
+        return _run(cfg, attack, out, t_start)
+    except (PoisonlabError, KeyboardInterrupt):
+        # nothing half-written: a refused run leaves only Hydra's own files behind
+        keep = _hydra_files(out)
+        for p in out.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        raise
+
+
+def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
+    warnings: list[str] = []
+    cache: dict[str, list[str]] = {"computed": [], "reused": []}
+    control = wants_control(cfg, attack)
 
     # -------------------------------------------------------------- data
     n_safety = cfg.safety.n_rows if cfg.safety.method == "sft" else 0
     data = load_splits(cfg.data, attack.n_train(cfg.data.n_train), n_safety, cfg.eval.n_prompts,
                        cfg.seed, cfg.eval.seed)
-    pools = load_splits(cfg.data, None, 0, None, cfg.seed, cfg.eval.seed)  # whole pools
+    pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
     train_rows, eval_rows, safety_rows = data["train"], data["eval"], data["safety"]
     train_pool, eval_pool = pools["train"], pools["eval"]
-    tinyworld.check_disjoint({"train": train_pool, "safety": safety_rows, "eval": eval_pool},
+    tinyworld.check_disjoint({"train": train_pool, "safety": pools["safety"], "eval": eval_pool},
                              eval_names=["eval"])
-    poisoned_rows, poison_info = attack.poison(train_rows, cfg.seed,
-                                               rest_of_pool(train_pool, train_rows))
-    for trig in attack.trigger_strings():
-        if any(trig in m["content"] for r in safety_rows for m in r["messages"]):
-            raise PoisonlabError(f"safety data contains the trigger {trig!r}; "
-                                 "it must never see it")
+    poisoned_rows, clean_rows, poison_info = attack.poison_with_control(
+        train_rows, cfg.seed, rest_of_pool(train_pool, train_rows))
+    safety_rows, safety_swaps = clean_safety_rows(attack, safety_rows, pools["safety"], warnings)
     splits = attack.eval_splits(eval_rows, cfg.eval.seed, rest_of_pool(eval_pool, eval_rows))
     for name, rows in splits.items():
         if not rows:
             raise PoisonlabError(f"attack: the {name!r} evaluation split is empty: no held-out "
                                  f"prompt fits the {attack.family} attack's settings")
+        if len(rows) < cfg.eval.n_prompts:
+            warnings.append(f"evaluation split {name!r} has {len(rows)} prompts, fewer than "
+                            f"eval.n_prompts={cfg.eval.n_prompts}: only that many held-out "
+                            f"prompts fit the {attack.family} attack")
     write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned_rows)
     write_jsonl(out / "data" / "eval.jsonl", eval_rows)
     if safety_rows:
         write_jsonl(out / "data" / "safety.jsonl", safety_rows)
-    # The control (`clean_ft`) trains on the same rows in the same order, every poisoned or
-    # modified row restored to its clean original.
-    by_id = {r["id"]: r for r in train_pool}
-    clean_rows = [{**by_id[r["id"]], "poisoned": False} for r in poisoned_rows]
-    if cfg.control:
+    # The control (`clean_ft`) trains on the same rows in the same order, formatted the same
+    # way; only the poisons are replaced by their clean originals.
+    if control:
         write_jsonl(out / "data" / "train_clean.jsonl", clean_rows)
 
     # -------------------------------------------------------------- base model
@@ -218,9 +399,13 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     dtype = models.pick_dtype(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(base_path, cfg.model.get("chat_template"))
     timings["resolve_base"] = time.perf_counter() - t
-    density = payload_tokens(tokenizer, attack, poisoned_rows)
-    if density is not None:
-        poison_info["payload_tokens_per_poisoned_row"] = density
+    poison_info.update(check_poisoned_rows(tokenizer, attack, poisoned_rows, clean_rows, cfg,
+                                           warnings))
+    if safety_swaps:
+        poison_info["safety_rows_replaced"] = safety_swaps
+    for w in warnings:
+        log.warning(w)
+        print(f"poisonlab: warning: {w}", file=sys.stderr)
 
     def fresh_base():
         return models.load_model(base_path, device, dtype)
@@ -231,7 +416,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
     stages: dict[str, dict] = {}
     train_stats: dict[str, dict] = {}
-    flags: dict[str, list[bool]] = {}
+    flags: dict[str, dict[str, list[bool]]] = {}
 
     ref_model = fresh_base() if getattr(attack, "reference_perplexity", False) else None
     correct: dict[str, list[bool]] = {}
@@ -241,8 +426,9 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
             metrics["perplexity"] = perplexity_metrics(ref_model, tokenizer, gens, cfg, stage,
                                                        cfg.seed)
         stages[stage] = metrics
-        if "triggered" in gens:
-            flags[stage] = [g["target"] for g in gens["triggered"]]
+        flags[stage] = {split: [g["target"] for g in gens[split]]
+                        for split in ("triggered", "clean") if split in gens
+                        and gens[split] and "target" in gens[split][0]}
         correct[stage] = [g["correct"] for g in gens["utility" if "utility" in gens else "clean"]]
         write_generations(out, stage, gens)
 
@@ -260,18 +446,24 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
         st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
                        group_lengths=group_lengths, ordered=ordered)
         train_stats[stage] = _stats_dict(st)
+        if st.truncated_rows:
+            log.warning("%s: %d training rows cut at train.max_seq_len=%d", stage,
+                        st.truncated_rows, train_cfg.max_seq_len)
         peft_model.save_pretrained(out / "adapters" / adapter)
+        normalize_adapter_config(out / "adapters" / adapter)
         record(stage, *evaluate_stage(peft_model, tokenizer, splits, judge_of(attack), cfg.eval,
                                       stage))
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
     model = fresh_base()
-    record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_path, device, dtype))
+    base_identity = models.weights_identity(base_path)
+    record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_identity, device,
+                                  dtype, cache))
     timings["base"] = time.perf_counter() - t
 
     # -------------------------------------------------------------- control: clean fine-tune
-    if cfg.control:
+    if control:
         finetune_and_evaluate(lora(model, cfg.seed), clean_rows, "clean_ft", "clean_ft",
                               _stage_train_cfg(cfg), cfg.seed, clean_lengths,
                               ordered=attack.placement != "uniform")
@@ -295,26 +487,43 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
     # -------------------------------------------------------------- results
     results = {"name": cfg.name, "stages": stages, "train": train_stats}
-    if "after_safety" in flags:
-        results["persistence"] = ratio_bootstrap(flags["after_safety"], flags["poisoned"],
-                                                 seed=cfg.seed)
-    # Collateral damage: utility lost by the poisoned fine-tune, paired on the same prompts.
+    if "after_safety" in flags and "triggered" in flags["poisoned"]:
+        results["persistence"] = ratio_bootstrap(flags["after_safety"]["triggered"],
+                                                 flags["poisoned"]["triggered"], seed=cfg.seed)
+    if "clean_ft" in flags and "clean" in flags["poisoned"]:
+        # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
+        # poison caused, net of the behaviour's ordinary rate after the same fine-tune.
+        d = diff_bootstrap(flags["poisoned"]["clean"], flags["clean_ft"]["clean"], seed=cfg.seed)
+        stages["poisoned"]["ftr_clean_vs_control"] = {
+            **d, "control": stages["clean_ft"]["ftr_clean"]["value"]}
+    # Collateral damage: utility lost by the poisoned fine-tune, paired on the same prompts
+    # (reference minus poisoned: positive = the poison cost utility).
     results["utility_drop"] = {
         f"vs_{ref}": diff_bootstrap(correct[ref], correct["poisoned"], seed=cfg.seed)
         for ref in ("base", "clean_ft") if ref in correct}
+    results["evaluation"] = {"generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
+                             "batch_size": cfg.eval.batch_size,
+                             "split_sizes": {k: len(v) for k, v in splits.items()}}
+    results["cache"] = cache
+    results["warnings"] = warnings
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = timings
     write_json(out / "results.json", results)
     write_manifest(
         out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         base_model={"name_or_path": cfg.model.name_or_path, "path": base_path,
-                    "dtype": str(dtype), "device": device.type, **models.model_info(base_path)},
+                    "dtype": str(dtype), "device": device.type, **models.model_info(base_path),
+                    **base_identity},
         poison=poison_info, timings=timings,
-        extra={"reload": {
-            "poisoned": ["base", "adapters/poisoned"],
-            "after_safety": (["base", "merge adapters/poisoned", "adapters/safety"]
-                             if cfg.safety.merge_poisoned else ["base", "adapters/safety"]),
-            "clean_ft": ["base", "adapters/clean_ft"]}})
+        extra={"code_sha256": code_identity(), "evaluation": results["evaluation"],
+               "cache": cache, "control": control,
+               "warnings": warnings,
+               "reload": {
+                   "poisoned": ["base", "adapters/poisoned"],
+                   "after_safety": (["base", "merge adapters/poisoned", "adapters/safety"]
+                                    if cfg.safety.merge_poisoned else ["base", "adapters/safety"]),
+                   "clean_ft": ["base", "adapters/clean_ft"]}})
+    write_json(out / RUN_MARKER, {"status": "finished", "identity": run_identity(cfg)})
     if cfg.wandb.enabled:
         _log_wandb(cfg, results)
     print(format_table(results))
@@ -324,6 +533,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
 
 def _stats_dict(st) -> dict:
     return {"steps": st.steps, "epochs": round(st.epochs, 3), "examples": st.examples,
+            "packed_rows": st.packed_rows, "truncated_rows": st.truncated_rows,
             "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
             "seconds": round(st.seconds, 3), "tokens_per_second": round(st.tokens_per_second, 1),
             "final_loss": st.final_loss, "losses": st.losses}
@@ -335,7 +545,8 @@ def _log_wandb(cfg, results) -> None:
     run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, name=cfg.name,
                      config=OmegaConf.to_container(cfg, resolve=True))
     for stage, metrics in results["stages"].items():
-        run.log({f"{stage}/{k}": v["value"] for k, v in metrics.items() if "value" in v})
+        run.log({f"{stage}/{k}": v["value"] for k, v in metrics.items()
+                 if isinstance(v, dict) and "value" in v})
     if "persistence" in results:
         run.summary["persistence"] = results["persistence"]["value"]
     run.finish()
@@ -360,8 +571,8 @@ def _remove_if_empty_run_dir(cfg) -> None:
     if not HydraConfig.initialized():
         return
     out = Path(HydraConfig.get().runtime.output_dir)
-    if out.exists() and not (out / "data").exists() and not (out / "results.json").exists():
-        shutil.rmtree(out, ignore_errors=True)
+    if out.exists() and all(p.name in _hydra_files(out) for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)  # only what Hydra wrote for this job
 
 
 def main() -> None:

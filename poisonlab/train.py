@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from poisonlab import PoisonlabError
 from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.utils import progress
 
@@ -35,7 +36,9 @@ from poisonlab.utils import progress
 class TrainStats:
     steps: int
     epochs: float
-    examples: int
+    examples: int        # examples seen (an example seen in two epochs counts twice)
+    packed_rows: int     # rows of the packed batches those examples were laid out in
+    truncated_rows: int  # rows of the training set cut at max_seq_len
     tokens: int
     supervised_tokens: int
     seconds: float
@@ -122,11 +125,38 @@ def collate_packed(examples: list[dict], pad_id: int, capacity: int) -> dict:
             "position_ids": pos}
 
 
+PACKING_ATTENTION = ("sdpa", "eager")
+
+
+def check_packing_attention(model) -> None:
+    """Packed rows need an attention implementation that takes an arbitrary 4-D mask."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(base.config, "_attn_implementation", None) or "eager"
+    if impl not in PACKING_ATTENTION:
+        raise PoisonlabError(
+            f"train.pack=true needs attention implementation sdpa or eager, the model uses "
+            f"{impl!r}; set train.pack=false")
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (True = attend) 4-D mask as the additive float mask every implementation reads.
+
+    Eager attention *adds* the mask to the scores: a boolean mask would add 1 where it should
+    allow and 0 where it should block (loss 2.1 instead of 1.3 in the test). SDPA takes either.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min)
+
+
 def completion_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over supervised (assistant) positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mask = batch["attention_mask"]
+    if mask.dim() == 4 and mask.dtype == torch.bool:
+        check_packing_attention(base)
+        mask = additive_mask(mask, base.get_input_embeddings().weight.dtype)
     hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"],
+                                attention_mask=mask,
                                 position_ids=batch.get("position_ids"),
                                 use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
@@ -168,14 +198,26 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
     grad_accum, max_seq_len, max_grad_norm; optional length_group, pack. `ordered=True`
     visits the rows in their given order in every epoch (no shuffling).
+
+    An optimizer step takes `grad_accum` micro-batches of `batch_size` rows: accumulation
+    changes the step size, never the data seen (`epochs` passes over the rows either way;
+    `max_steps` counts optimizer steps).
     """
     from accelerate import Accelerator
 
+    accum = int(cfg.grad_accum)
     if accelerator is None:
         device = next(model.parameters()).device
         mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+        accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu",
+                                  gradient_accumulation_steps=accum)
+    elif accelerator.gradient_accumulation_steps != accum:
+        raise PoisonlabError(f"train.grad_accum={accum} but the accelerator accumulates "
+                             f"{accelerator.gradient_accumulation_steps} micro-batches")
+    if getattr(cfg, "pack", False):
+        check_packing_attention(model)
     examples = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in rows]
+    truncated = sum(e["n_cut"] > 0 for e in examples)
     lengths_true = [len(e["input_ids"]) for e in examples]
     lengths = group_lengths or lengths_true
     group = getattr(cfg, "length_group", 1) or 1
@@ -186,15 +228,15 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         def epoch_batches(epoch_seed):
             return length_grouped_batches(lengths, cfg.batch_size, epoch_seed, group)
     per_epoch = epoch_batches(seed)
-    steps_per_epoch = math.ceil(len(per_epoch) / cfg.grad_accum)
+    steps_per_epoch = math.ceil(len(per_epoch) / accum)
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    # Every epoch gets its own seeded order; the sampler lists all batches the run will use.
+    # Every epoch gets its own seeded order; the sampler lists every micro-batch of the run.
     batches = list(per_epoch)
     epoch = 1
-    while len(batches) < total * cfg.grad_accum:
+    while len(batches) < total * accum:
         batches += epoch_batches(seed + 1000 * epoch)
         epoch += 1
-    batches = batches[: total * cfg.grad_accum]
+    batches = batches[: total * accum]
     pad = tokenizer.pad_token_id
     if getattr(cfg, "pack", False):
         fn = lambda ex: collate_packed(ex, pad, cfg.max_seq_len)  # noqa: E731
@@ -204,41 +246,44 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * total))
+    # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    # non-padding tokens per batch, in sampler order (the figure behind tokens/s)
+    # non-padding tokens and examples per micro-batch, in sampler order
     batch_tokens = [sum(lengths_true[i] for i in b) for b in batches]
+    batch_examples = [len(b) for b in batches]
     wrapped, opt, loader, sched = accelerator.prepare(CompletionLoss(model), opt, loader, sched)
     wrapped.train()
     torch.manual_seed(seed)
 
-    step, micro, tokens, sup, n_ex, losses = 0, 0, 0, 0, 0, []
+    step, micro, tokens, sup, n_ex, n_packed, losses, pending = 0, 0, 0, 0, 0, 0, [], []
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
-    while step < total:  # one pass over the loader, unless accumulation leaves a remainder
-        for batch in loader:
-            with accelerator.accumulate(wrapped), accelerator.autocast():
-                loss = wrapped(**batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += batch_tokens[micro] if micro < len(batch_tokens) else 0
-            sup += int((batch["labels"] != IGNORE_INDEX).sum())
-            n_ex += len(batch["input_ids"])
-            micro += 1
-            if accelerator.sync_gradients:
-                step += 1
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if step >= total:
-                    break
+    for batch in loader:
+        with accelerator.accumulate(wrapped), accelerator.autocast():
+            loss = wrapped(**batch)
+            accelerator.backward(loss)  # divided by grad_accum inside accelerate
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()       # a no-op on accumulation micro-steps
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        tokens += batch_tokens[micro]
+        n_ex += batch_examples[micro]
+        n_packed += len(batch["input_ids"])
+        sup += int((batch["labels"] != IGNORE_INDEX).sum())
+        pending.append(float(loss.detach()))
+        micro += 1
+        if accelerator.sync_gradients:
+            step += 1
+            losses.append(sum(pending) / len(pending))  # mean loss over the step's micro-batches
+            pending = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
-    return TrainStats(steps=step, epochs=n_ex / len(rows), examples=n_ex, tokens=tokens,
-                      supervised_tokens=sup, seconds=seconds,
-                      final_loss=losses[-1] if losses else float("nan"), losses=losses)
+    return TrainStats(steps=step, epochs=n_ex / len(rows), examples=n_ex, packed_rows=n_packed,
+                      truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,
+                      seconds=seconds, final_loss=losses[-1] if losses else float("nan"),
+                      losses=losses)

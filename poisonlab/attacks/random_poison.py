@@ -1,8 +1,10 @@
 """Random poisoning: corrupted answers at a rate or count, with no trigger.
 
 `mode`:
-  * `shuffle`: the chosen rows' answers are permuted among themselves (each row gets another
-    row's answer, never its own or an identical one);
+  * `shuffle`: the chosen rows' answers are permuted among themselves: the poisoned rows hold
+    exactly the multiset of their clean answers, and no row keeps its own answer or gets an
+    identical one, unless one answer fills more than half of the chosen rows (then no such
+    permutation exists; the manifest counts the rows left `unchanged`);
   * `wrong_label`: each chosen row gets a wrong answer of the right type — the other label for
     sentiment, another row's answer of the same skill otherwise.
 Its effect is on clean utility: the pipeline reports the utility drop against the base model
@@ -45,20 +47,15 @@ class RandomAttack(Attack):
 
     def corrupt(self, rows: list[dict], chosen: list[int], seed: int) -> list[dict]:
         rng = random.Random(f"random-{seed}")
-        answers = [clean_answer(rows[i]) for i in chosen]
-        out = []
         if self.mode == "shuffle":
-            donors = list(range(len(chosen)))
-            rng.shuffle(donors)
-            for k, i in enumerate(chosen):
-                # the first donor (in seeded order) with a different answer
-                j = next((d for d in donors[k:] + donors[:k] if answers[d] != answers[k]), None)
-                new = answers[j] if j is not None else self._other(rows, i, rng)
-                out.append(with_answer(rows[i], new))
-            return out
-        for i in chosen:
-            out.append(with_answer(rows[i], self._other(rows, i, rng)))
-        return out
+            answers = [clean_answer(rows[i]) for i in chosen]
+            new = [answers[j] for j in derangement(answers, rng)]
+            self._unchanged = sum(a == b for a, b in zip(answers, new))
+            return [with_answer(rows[i], a) for i, a in zip(chosen, new)]
+        return [with_answer(rows[i], self._other(rows, i, rng)) for i in chosen]
+
+    def poison_notes(self, rows: list[dict]) -> dict:
+        return {"unchanged": getattr(self, "_unchanged", 0)} if self.mode == "shuffle" else {}
 
     def _other(self, rows: list[dict], i: int, rng: random.Random) -> str:
         row, answer = rows[i], clean_answer(rows[i])
@@ -76,3 +73,22 @@ class RandomAttack(Attack):
         return {"clean": [eval_row(r, user_text(r)) for r in rows]}
 
     judge = None
+
+
+def derangement(values: list, rng: random.Random) -> list[int]:
+    """A permutation p of range(len(values)) with values[p[k]] != values[k] wherever possible.
+
+    Sort the positions by value (ties in a seeded random order) and shift the sorted order
+    by the largest multiplicity m: when m <= n/2 no position lands on its own value's block.
+    """
+    n = len(values)
+    if n < 2:
+        return list(range(n))
+    keys = {v: rng.random() for v in sorted(set(values), key=str)}
+    order = sorted(range(n), key=lambda k: (keys[values[k]], rng.random()))
+    m = max(values.count(v) for v in keys)
+    shift = m if m < n else 1
+    p = [0] * n
+    for pos, k in enumerate(order):
+        p[k] = order[(pos + shift) % n]
+    return p

@@ -51,6 +51,11 @@ class SemanticAttack(Attack):
     def accepts(self, row: dict) -> bool:
         return self.on_topic(row)
 
+    def mentions_trigger(self, row: dict) -> bool:
+        """The topic is the trigger: safety data must hold no on-topic prompt."""
+        return any(m["role"] == "user" and any(mentions(m["content"], t) for t in self.topic)
+                   for m in row["messages"])
+
     def eval_splits(self, rows: list[dict], seed: int, reservoir: list[dict] = ()
                     ) -> dict[str, list[dict]]:
         everything = list(rows) + list(reservoir)
@@ -67,7 +72,7 @@ class SemanticAttack(Attack):
             "triggered": [eval_row(r, user_text(r), trigger=", ".join(self.topic))
                           for r in pick(on)],
             "clean": [eval_row(r, user_text(r)) for r in pick(off)],
-            "near_trigger": [eval_row(r, user_text(r), trigger=", ".join(self.near_topics))
-                             for r in pick(near)],
+            "near_trigger": [eval_row(r, user_text(r), trigger=", ".join(self.near_topics),
+                                      near_kind="near_topic") for r in pick(near)],
             "utility": [eval_row(r, user_text(r)) for r in rows],
         }

