@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from poisonlab import PoisonlabError
 from poisonlab.attacks.targets import Target
-from poisonlab.judges import answer_text
+from poisonlab.judges import answer_text, has_unterminated_scratchpad
 
 PLACEMENTS = ("uniform", "start", "end")
 POSITIONS = ("start", "end", "random")
@@ -388,7 +388,13 @@ class Attack:
         return splits
 
     def judge(self, response: str, row: dict) -> bool:
-        """Target behaviour in the answer only (scratchpad and echoed prompt removed)."""
+        """Target behaviour in the answer only (scratchpad and echoed prompt removed).
+
+        An answer cut inside a scratchpad has no answer part: it is judged as not showing
+        the target (whatever precedes the scratchpad), and counted per stage by evaluation.
+        """
+        if has_unterminated_scratchpad(response):
+            return False
         return self.target_spec.judge(answer_text(response, user_text(row)), row)
 
 
