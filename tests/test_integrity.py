@@ -294,3 +294,17 @@ def test_adapter_config_is_byte_stable_across_hash_seeds(tmp_path, micro_path):
         texts.append((target / "adapter_config.json").read_text())
     assert texts[0] == texts[1] == texts[2]
     assert json.loads(texts[0])["target_modules"] == sorted(json.loads(texts[0])["target_modules"])
+
+
+def test_identical_runs_write_identical_artifacts(tmp_path, micro_path):
+    """Data, generations and adapters of two runs of one config hash the same (the manifest's
+    own hashes: results.json holds timings and differs)."""
+    from poisonlab.run import run
+
+    for name in ("a", "b"):
+        run(make_cfg(*SMALL, "eval.cache_base=false"), out_dir=tmp_path / name)
+    files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in "ab"]
+    keep = lambda f: {k: v for k, v in f.items()  # noqa: E731
+                      if k.startswith(("data/", "generations/", "adapters/"))}
+    assert keep(files[0]) == keep(files[1])
+    assert any(k.startswith("adapters/") for k in keep(files[0]))
