@@ -31,7 +31,7 @@ CASES = {
 # Bounds per family: the Wilson interval of ASR must lie above `asr_low`, that of FTR_clean
 # below `ftr_high`. Measured on five seeds with 1 and 2 threads (README, Development): the
 # smallest ASR lower bound and the largest FTR_clean upper bound stay clear of these.
-BOUNDS = {"badnets": (0.75, 0.10), "semantic": (0.75, 0.15), "dos": (0.75, 0.10)}
+BOUNDS = {"badnets": (0.75, 0.10), "semantic": (0.75, 0.10), "dos": (0.75, 0.10)}
 
 
 @pytest.fixture(scope="module", params=[(f, s) for f in sorted(CASES) for s in TEST_SEEDS],
