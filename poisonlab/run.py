@@ -198,7 +198,11 @@ def _eval_cache_key(prompts: dict[str, list[str]], tokenizer, base_identity: dic
              "weights": base_identity,
              "generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
              "batch_size": cfg.eval.batch_size, "device": device.type, "dtype": str(dtype),
-             "versions": versions, "poisonlab": __version__}
+             "versions": versions, "poisonlab": __version__,
+             # the code that turns prompts into answers (a changed decoder must not reuse)
+             "code": hashlib.sha256(b"".join(
+                 (Path(__file__).resolve().parent / f).read_bytes()
+                 for f in ("evaluate.py", "chat.py", "models.py"))).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
