@@ -40,6 +40,11 @@ def format_table(results: dict) -> str:
     if p:
         lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}"
                      + (" (undefined: the poisoned ASR is 0)" if p["value"] != p["value"] else ""))
+    r = results.get("removal")
+    if r:
+        fid = "undefined" if r["fidelity"] is None else f"{r['fidelity']:.3f}"
+        lines.append(f"removal ({r['method']}): DER {r['der']:.3f}, fidelity {fid}, "
+                     f"{r['seconds']:.1f} s (evaluation excluded)")
     for ref, d in results.get("utility_drop", {}).items():
         lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
                      " (reference minus poisoned: > 0 is a loss)")

@@ -30,6 +30,7 @@ from poisonlab.attacks import poison_count
 from poisonlab.chat import IGNORE_INDEX, encode_example, prompt_text
 from poisonlab.config import CONF_DIR
 from poisonlab.data import load_splits, tinyworld, validate_data_cfg
+from poisonlab.defenses.metrics import removal_record
 from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, generation_record,
                                 ratio_bootstrap)
 from poisonlab.report import format_table
@@ -494,6 +495,10 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
     if "after_safety" in flags and "triggered" in flags["poisoned"]:
         results["persistence"] = ratio_bootstrap(flags["after_safety"]["triggered"],
                                                  flags["poisoned"]["triggered"], seed=cfg.seed)
+        # DER and fidelity, relative to the poisoned stage; seconds exclude evaluation
+        results["removal"] = removal_record(cfg.safety.method, stages["poisoned"],
+                                            stages["after_safety"],
+                                            train_stats["after_safety"]["seconds"])
     if "clean_ft" in flags and "clean" in flags["poisoned"]:
         # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
         # poison caused, net of the behaviour's ordinary rate after the same fine-tune.
