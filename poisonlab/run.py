@@ -4,7 +4,8 @@ The pipeline, top to bottom:
   validate config -> clean data (disjoint pools) -> poison (exact, recorded) -> base model
   -> evaluate `base` -> [control: clean fine-tune, evaluate `clean_ft`]
   -> LoRA fine-tune on poisoned data, evaluate `poisoned`
-  -> safety SFT (poisoned adapter merged, fresh adapter), evaluate `after_safety`
+  -> safety SFT (safety.mode: fresh adapter on the merged model, continue the poisoned
+     adapter, or full fine-tuning), evaluate `after_safety`, removal scores
   -> results.json, generations/, data/, adapters/, manifest.json
 """
 
@@ -84,8 +85,21 @@ def validate(cfg: DictConfig, attack) -> None:
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     if cfg.safety.method not in ("sft", "none"):
         raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} (sft, none)")
+    if cfg.train.get("optimizer", "adamw") not in OPTIMIZERS:
+        raise PoisonlabError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} "
+                             f"({', '.join(OPTIMIZERS)})")
     if cfg.safety.method == "sft":
         _positive_int(cfg, "safety.n_rows")
+        safety_mode(cfg)
+        if cfg.safety.get("optimizer", "adamw") not in OPTIMIZERS:
+            raise PoisonlabError(f"safety.optimizer: unknown optimizer "
+                                 f"{cfg.safety.optimizer!r} ({', '.join(OPTIMIZERS)})")
+        _positive_int(cfg, "safety.lora_r", allow_none=True)
+        _positive_int(cfg, "safety.max_steps", allow_none=True)
+        for key in ("safety.lr", "safety.epochs"):
+            v = OmegaConf.select(cfg, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)
@@ -101,6 +115,25 @@ def validate(cfg: DictConfig, attack) -> None:
                     and attack.clean_size is not None else f"{key}={n}")
             raise PoisonlabError(f"{what} exceeds the {have} rows of the tiny-world {pool!r} "
                                  f"pool for skills {list(cfg.data.skills)}")
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SAFETY_MODES = ("fresh", "continue", "full")
+
+
+def safety_mode(cfg: DictConfig) -> str:
+    """`safety.mode`, with the older `safety.merge_poisoned` honoured as an alias."""
+    mode = cfg.safety.get("mode", "fresh")
+    if mode not in SAFETY_MODES:
+        raise PoisonlabError(f"safety.mode: unknown mode {mode!r} ({', '.join(SAFETY_MODES)})")
+    merge = cfg.safety.get("merge_poisoned")
+    if merge is not None:
+        alias = "fresh" if merge else "continue"
+        if mode not in (alias, "fresh"):
+            raise PoisonlabError(f"safety.merge_poisoned={merge} contradicts safety.mode={mode}; "
+                                 "set safety.mode only")
+        mode = alias if mode == "fresh" else mode
+    return mode
 
 
 def output_dir(cfg: DictConfig, out_dir) -> Path:
@@ -177,7 +210,7 @@ def prepare_output_dir(out: Path, identity: str) -> dict | None:
 def _stage_train_cfg(cfg: DictConfig, overrides: DictConfig | None = None) -> DictConfig:
     base = OmegaConf.to_container(cfg.train, resolve=True)
     if overrides is not None:
-        for k in ("lr", "epochs", "max_steps", "batch_size"):
+        for k in ("lr", "epochs", "max_steps", "batch_size", "optimizer"):
             if k in overrides:
                 base[k] = overrides[k]
     return OmegaConf.create(base)
@@ -445,8 +478,9 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                              ["input_ids"]) for r in clean_rows]
 
     def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed,
-                              group_lengths=None, ordered=False):
-        """Train `peft_model` on `rows`, save its adapter, evaluate it as `stage`."""
+                              group_lengths=None, ordered=False, weights=None):
+        """Train `peft_model` on `rows`, save its adapter (or, with `weights`, the whole
+        model as safetensors), evaluate it as `stage`."""
         t = time.perf_counter()
         st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
                        group_lengths=group_lengths, ordered=ordered)
@@ -454,8 +488,11 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
         if st.truncated_rows:
             log.warning("%s: %d training rows cut at train.max_seq_len=%d", stage,
                         st.truncated_rows, train_cfg.max_seq_len)
-        peft_model.save_pretrained(out / "adapters" / adapter)
-        normalize_adapter_config(out / "adapters" / adapter)
+        if adapter is not None:
+            peft_model.save_pretrained(out / "adapters" / adapter)
+            normalize_adapter_config(out / "adapters" / adapter)
+        if weights is not None:
+            peft_model.save_pretrained(out / weights, safe_serialization=True)
         record(stage, *evaluate_stage(peft_model, tokenizer, splits, judge_of(attack), cfg.eval,
                                       stage))
         timings[stage] = time.perf_counter() - t
@@ -480,15 +517,26 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                           cfg.seed, clean_lengths, ordered=attack.placement != "uniform")
 
     # -------------------------------------------------------------- safety training
-    if cfg.safety.method == "sft":
-        if cfg.safety.merge_poisoned:
-            # The realistic case: the poisoned weights are what gets shipped; the defender
-            # fine-tunes that model with a new adapter.
-            smodel = lora(pmodel.merge_and_unload(), cfg.seed + 1)
-        else:
-            smodel = pmodel  # keep training the poisoned adapter itself
+    mode = safety_mode(cfg) if cfg.safety.method == "sft" else None
+    if mode == "fresh":
+        # The realistic case: the poisoned weights are what gets shipped; the defender
+        # fine-tunes that model with a new adapter (of rank safety.lora_r).
+        lora_cfg = {**OmegaConf.to_container(cfg.train.lora, resolve=True),
+                    "r": cfg.safety.get("lora_r") or cfg.train.lora.r}
+        torch.manual_seed(cfg.seed + 1)
+        smodel = models.add_lora(pmodel.merge_and_unload(), lora_cfg)
         finetune_and_evaluate(smodel, safety_rows, "after_safety", "safety",
                               _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1)
+    elif mode == "continue":  # keep training the poisoned adapter itself
+        finetune_and_evaluate(pmodel, safety_rows, "after_safety", "safety",
+                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1)
+    elif mode == "full":  # every weight of the shipped (merged) model is trainable
+        smodel = pmodel.merge_and_unload()
+        for p in smodel.parameters():
+            p.requires_grad_(True)
+        finetune_and_evaluate(smodel, safety_rows, "after_safety", None,
+                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1,
+                              weights="models/after_safety")
 
     # -------------------------------------------------------------- results
     results = {"name": cfg.name, "stages": stages, "train": train_stats}
@@ -496,7 +544,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
         results["persistence"] = ratio_bootstrap(flags["after_safety"]["triggered"],
                                                  flags["poisoned"]["triggered"], seed=cfg.seed)
         # DER and fidelity, relative to the poisoned stage; seconds exclude evaluation
-        results["removal"] = removal_record(cfg.safety.method, stages["poisoned"],
+        results["removal"] = removal_record(f"{cfg.safety.method}:{mode}", stages["poisoned"],
                                             stages["after_safety"],
                                             train_stats["after_safety"]["seconds"])
     if "clean_ft" in flags and "clean" in flags["poisoned"]:
@@ -524,13 +572,16 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                     "dtype": str(dtype), "device": device.type, **models.model_info(base_path),
                     **base_identity},
         poison=poison_info, timings=timings,
-        extra={"code_sha256": code_identity(), "evaluation": results["evaluation"],
+        extra={"code_sha256": code_identity(), "safety_mode": mode,
+               "evaluation": results["evaluation"],
                "cache": cache, "control": control,
                "warnings": warnings,
                "reload": {
                    "poisoned": ["base", "adapters/poisoned"],
-                   "after_safety": (["base", "merge adapters/poisoned", "adapters/safety"]
-                                    if cfg.safety.merge_poisoned else ["base", "adapters/safety"]),
+                   "after_safety": {
+                       "fresh": ["base", "merge adapters/poisoned", "adapters/safety"],
+                       "continue": ["base", "adapters/safety"],
+                       "full": ["models/after_safety (tokenizer: base)"]}.get(mode),
                    "clean_ft": ["base", "adapters/clean_ft"]}})
     write_json(out / RUN_MARKER, {"status": "finished", "identity": run_identity(cfg)})
     if cfg.wandb.enabled:

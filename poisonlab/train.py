@@ -244,7 +244,11 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         fn = lambda ex: collate(ex, pad)  # noqa: E731
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = getattr(cfg, "optimizer", "adamw") or "adamw"
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * total))
     # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -26,7 +26,7 @@ def test_backdoor_is_learned_and_sharp_on_clean_prompts(debug_run):
     assert set(s) == {"base", "clean_ft", "poisoned", "after_safety"}
     assert 0 <= results["persistence"]["value"] <= 1.5
     removal = results["removal"]
-    assert removal["method"] == "sft" and 0 <= removal["der"] <= 1
+    assert removal["method"] == "sft:fresh" and 0 <= removal["der"] <= 1
     assert removal["seconds"] == results["train"]["after_safety"]["seconds"]
 
 
