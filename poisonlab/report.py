@@ -60,3 +60,31 @@ def format_table(results: dict) -> str:
 
 def _ci(d: dict) -> str:
     return f" [{d['ci_low']:.2f},{d['ci_high']:.2f}]" if d.get("ci_low") is not None else ""
+
+
+CURVE_METRICS = [("asr", "ASR"), ("ftr_clean", "FTR clean"), ("clean_utility", "clean utility")]
+
+
+def plot_curve(points: list[dict], path, title: str) -> None:
+    """ASR, FTR_clean and utility against optimizer steps, with their 95% intervals (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    steps = [p["step"] for p in points]
+    for key, label in CURVE_METRICS:
+        if all(key in p for p in points):
+            ax.plot(steps, [p[key]["value"] for p in points], marker="o", ms=3, label=label)
+            ax.fill_between(steps, [p[key]["ci_low"] for p in points],
+                            [p[key]["ci_high"] for p in points], alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -34,10 +34,10 @@ from poisonlab.data import load_splits, tinyworld, validate_data_cfg
 from poisonlab.defenses.metrics import removal_record
 from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, generation_record,
                                 ratio_bootstrap)
-from poisonlab.report import format_table
+from poisonlab.report import format_table, plot_curve
 from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
                                write_manifest)
-from poisonlab.train import train_sft
+from poisonlab.train import planned_steps, train_sft
 from poisonlab.utils import seed_everything, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ def validate(cfg: DictConfig, attack) -> None:
             raise PoisonlabError(f"safety.optimizer: unknown optimizer "
                                  f"{cfg.safety.optimizer!r} ({', '.join(OPTIMIZERS)})")
         _positive_int(cfg, "safety.lora_r", allow_none=True)
+        _positive_int(cfg, "safety.eval_every", allow_none=True)
+        _positive_int(cfg, "safety.curve_n_prompts")
+        every = cfg.safety.get("eval_every")
+        if every is not None:
+            planned = planned_steps(cfg.safety.n_rows, _stage_train_cfg(cfg, cfg.safety))
+            if every > planned:
+                raise PoisonlabError(f"safety.eval_every={every} is larger than the run "
+                                     f"({planned} optimizer steps): no curve point would be "
+                                     "taken during training")
         _positive_int(cfg, "safety.max_steps", allow_none=True)
         for key in ("safety.lr", "safety.epochs"):
             v = OmegaConf.select(cfg, key)
@@ -454,6 +463,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
 
     stages: dict[str, dict] = {}
     train_stats: dict[str, dict] = {}
+    curves: dict[str, list[dict]] = {}
     flags: dict[str, dict[str, list[bool]]] = {}
 
     ref_model = fresh_base() if getattr(attack, "reference_perplexity", False) else None
@@ -478,12 +488,27 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                              ["input_ids"]) for r in clean_rows]
 
     def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed,
-                              group_lengths=None, ordered=False, weights=None):
+                              group_lengths=None, ordered=False, weights=None, every=None):
         """Train `peft_model` on `rows`, save its adapter (or, with `weights`, the whole
-        model as safetensors), evaluate it as `stage`."""
+        model as safetensors), evaluate it as `stage`; with `every`, a persistence curve."""
         t = time.perf_counter()
+        callback = None
+        if every:
+            n = cfg.safety.curve_n_prompts
+            subset = {k: v[:n] for k, v in splits.items()}
+            points = curves.setdefault(stage, [])
+
+            def callback(step, rows_seen):
+                m, _ = evaluate_stage(peft_model, tokenizer, subset, judge_of(attack), cfg.eval,
+                                      f"{stage}@{step}")
+                points.append({"step": step, "rows_seen": rows_seen,
+                               **{k: m[k] for k in ("asr", "ftr_clean", "clean_utility")
+                                  if k in m}})
+                log.info("%s step %d: %s", stage, step, {k: round(v["value"], 3) for k, v in
+                                                         points[-1].items() if isinstance(v, dict)})
         st = train_sft(peft_model, tokenizer, rows, train_cfg, seed, stage,
-                       group_lengths=group_lengths, ordered=ordered)
+                       group_lengths=group_lengths, ordered=ordered, every=every,
+                       callback=callback)
         train_stats[stage] = _stats_dict(st)
         if st.truncated_rows:
             log.warning("%s: %d training rows cut at train.max_seq_len=%d", stage,
@@ -518,6 +543,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
 
     # -------------------------------------------------------------- safety training
     mode = safety_mode(cfg) if cfg.safety.method == "sft" else None
+    every = cfg.safety.get("eval_every") if mode else None
     if mode == "fresh":
         # The realistic case: the poisoned weights are what gets shipped; the defender
         # fine-tunes that model with a new adapter (of rank safety.lora_r).
@@ -526,17 +552,17 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
         torch.manual_seed(cfg.seed + 1)
         smodel = models.add_lora(pmodel.merge_and_unload(), lora_cfg)
         finetune_and_evaluate(smodel, safety_rows, "after_safety", "safety",
-                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1)
+                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1, every=every)
     elif mode == "continue":  # keep training the poisoned adapter itself
         finetune_and_evaluate(pmodel, safety_rows, "after_safety", "safety",
-                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1)
+                              _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1, every=every)
     elif mode == "full":  # every weight of the shipped (merged) model is trainable
         smodel = pmodel.merge_and_unload()
         for p in smodel.parameters():
             p.requires_grad_(True)
         finetune_and_evaluate(smodel, safety_rows, "after_safety", None,
                               _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1,
-                              weights="models/after_safety")
+                              weights="models/after_safety", every=every)
 
     # -------------------------------------------------------------- results
     results = {"name": cfg.name, "stages": stages, "train": train_stats}
@@ -558,6 +584,12 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
     results["utility_drop"] = {
         f"vs_{ref}": diff_bootstrap(correct[ref], correct["poisoned"], seed=cfg.seed)
         for ref in ("base", "clean_ft") if ref in correct}
+    if curves:
+        results["curves"] = curves
+        for stage, points in curves.items():
+            plot_curve(points, out / "curves" / f"{stage}.png",
+                       f"{cfg.name}: {stage} ({mode}), first {cfg.safety.curve_n_prompts} "
+                       "prompts per split")
     results["evaluation"] = {"generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
                              "batch_size": cfg.eval.batch_size,
                              "split_sizes": {k: len(v) for k, v in splits.items()}}

@@ -190,14 +190,24 @@ def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
+def planned_steps(n_rows: int, cfg) -> int:
+    """Optimizer steps `train_sft` will take on `n_rows` rows with `cfg`."""
+    per_epoch = math.ceil(n_rows / cfg.batch_size)
+    return cfg.max_steps or math.ceil(math.ceil(per_epoch / cfg.grad_accum) * cfg.epochs)
+
+
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
               accelerator=None, group_lengths: list[int] | None = None,
-              ordered: bool = False) -> TrainStats:
+              ordered: bool = False, every: int | None = None,
+              callback=None) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
     grad_accum, max_seq_len, max_grad_norm; optional length_group, pack. `ordered=True`
-    visits the rows in their given order in every epoch (no shuffling).
+    visits the rows in their given order in every epoch (no shuffling). With `every` and
+    `callback`, `callback(step, rows_seen)` runs before the first step, after every `every`
+    optimizer steps and after the last (for persistence curves); the model is in eval mode
+    during the call and back in train mode after it.
 
     An optimizer step takes `grad_accum` micro-batches of `batch_size` rows: accumulation
     changes the step size, never the data seen (`epochs` passes over the rows either way;
@@ -261,6 +271,20 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     torch.manual_seed(seed)
 
     step, micro, tokens, sup, n_ex, n_packed, losses, pending = 0, 0, 0, 0, 0, 0, [], []
+    paused = 0.0  # seconds spent in the callback (excluded from the training time)
+
+    def checkpoint():
+        nonlocal paused
+        t = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            callback(step, n_ex)
+        wrapped.train()
+        paused += time.perf_counter() - t
+
+    if callback is not None and every:
+        checkpoint()      # the point before training
+        paused = 0.0      # not part of the timed loop below
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
     for batch in loader:
@@ -284,8 +308,10 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
             pending = []
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if callback is not None and every and (step % every == 0 or step == total):
+                checkpoint()
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - paused
     model.eval()
     return TrainStats(steps=step, epochs=n_ex / len(rows), examples=n_ex, packed_rows=n_packed,
                       truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,

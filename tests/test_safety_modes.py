@@ -93,3 +93,27 @@ def test_merge_poisoned_stays_an_alias_of_mode():
     assert safety_mode(make_cfg("safety.merge_poisoned=true")) == "fresh"
     with pytest.raises(PoisonlabError, match="contradicts"):
         safety_mode(make_cfg("safety.merge_poisoned=false", "safety.mode=full"))
+
+
+def test_persistence_curve_has_the_promised_points(tmp_path, micro_path):
+    from poisonlab.run import run
+
+    # 64 safety rows in batches of 8 for 2 epochs: 16 optimizer steps, a point every 5
+    res = run(make_cfg(*TINY, "safety.batch_size=8", "safety.epochs=2", "safety.eval_every=5",
+                       "safety.curve_n_prompts=8"), out_dir=tmp_path)
+    points = res["curves"]["after_safety"]
+    assert [p["step"] for p in points] == [0, 5, 10, 15, 16]
+    assert [p["rows_seen"] for p in points] == [0, 40, 80, 120, 128]
+    for p in points:
+        assert {"asr", "ftr_clean", "clean_utility"} <= set(p)
+        assert p["asr"]["n"] == 8 and 0 <= p["asr"]["ci_low"] <= p["asr"]["value"]
+    assert (tmp_path / "curves" / "after_safety.png").stat().st_size > 1000
+    # the last point is the trained model, on the first prompts of the full evaluation
+    assert res["removal"]["seconds"] == res["train"]["after_safety"]["seconds"] > 0
+
+
+def test_curve_interval_larger_than_the_run_is_refused(tmp_path):
+    from poisonlab.run import run
+
+    with pytest.raises(PoisonlabError, match=r"safety\.eval_every=999 is larger than the run"):
+        run(make_cfg(*TINY, "safety.eval_every=999"), out_dir=tmp_path)
