@@ -32,6 +32,7 @@ from poisonlab.chat import IGNORE_INDEX, encode_example, prompt_text
 from poisonlab.config import CONF_DIR
 from poisonlab.data import load_splits, tinyworld, validate_data_cfg
 from poisonlab.defenses.metrics import removal_record
+from poisonlab.defenses.quantize import BITS, quantize_linear_weights
 from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, generation_record,
                                 ratio_bootstrap)
 from poisonlab.report import format_table, plot_curve
@@ -83,8 +84,14 @@ def validate(cfg: DictConfig, attack) -> None:
             raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
-    if cfg.safety.method not in ("sft", "none"):
-        raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} (sft, none)")
+    if cfg.safety.method not in SAFETY_METHODS:
+        raise PoisonlabError(f"safety.method: unknown method {cfg.safety.method!r} "
+                             f"({', '.join(SAFETY_METHODS)})")
+    if cfg.safety.method == "quantize":
+        if cfg.safety.get("bits") not in BITS:
+            raise PoisonlabError(f"safety.bits must be one of {list(BITS)}, "
+                                 f"got {cfg.safety.get('bits')!r}")
+        _positive_int(cfg, "safety.group_size")
     if cfg.train.get("optimizer", "adamw") not in OPTIMIZERS:
         raise PoisonlabError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} "
                              f"({', '.join(OPTIMIZERS)})")
@@ -127,6 +134,7 @@ def validate(cfg: DictConfig, attack) -> None:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+SAFETY_METHODS = ("sft", "quantize", "none")
 SAFETY_MODES = ("fresh", "continue", "full")
 
 
@@ -464,6 +472,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
     stages: dict[str, dict] = {}
     train_stats: dict[str, dict] = {}
     curves: dict[str, list[dict]] = {}
+    defence_seconds: dict[str, float] = {}
     flags: dict[str, dict[str, list[bool]]] = {}
 
     ref_model = fresh_base() if getattr(attack, "reference_perplexity", False) else None
@@ -564,15 +573,35 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                               _stage_train_cfg(cfg, cfg.safety), cfg.seed + 1,
                               weights="models/after_safety", every=every)
 
+    if cfg.safety.method == "quantize":
+        # the shipped (merged) poisoned weights, rounded to the grid: no training
+        t = time.perf_counter()
+        smodel = pmodel.merge_and_unload()
+        qinfo = quantize_linear_weights(smodel, cfg.safety.bits, cfg.safety.group_size)
+        defence_seconds["after_safety"] = time.perf_counter() - t
+        smodel.save_pretrained(out / "models" / "after_safety", safe_serialization=True)
+        poison_info["quantize"] = qinfo
+        if "dequantized" in str(models.model_info(base_path).get("weights", "")):
+            warnings.append(
+                f"safety=quantize on a base dequantized from a quantized file "
+                f"({models.model_info(base_path)['weights']}): if the grids coincide, the "
+                "round trip snaps poisoned deltas back to the base and looks like a removal")
+            log.warning(warnings[-1])
+        record("after_safety", *evaluate_stage(smodel, tokenizer, splits, judge_of(attack),
+                                               cfg.eval, "after_safety"))
+        timings["after_safety"] = time.perf_counter() - t
+
     # -------------------------------------------------------------- results
     results = {"name": cfg.name, "stages": stages, "train": train_stats}
     if "after_safety" in flags and "triggered" in flags["poisoned"]:
         results["persistence"] = ratio_bootstrap(flags["after_safety"]["triggered"],
                                                  flags["poisoned"]["triggered"], seed=cfg.seed)
         # DER and fidelity, relative to the poisoned stage; seconds exclude evaluation
-        results["removal"] = removal_record(f"{cfg.safety.method}:{mode}", stages["poisoned"],
-                                            stages["after_safety"],
-                                            train_stats["after_safety"]["seconds"])
+        method = f"sft:{mode}" if cfg.safety.method == "sft" else cfg.safety.method
+        seconds = (train_stats["after_safety"]["seconds"] if "after_safety" in train_stats
+                   else defence_seconds["after_safety"])
+        results["removal"] = removal_record(method, stages["poisoned"], stages["after_safety"],
+                                            round(seconds, 3))
     if "clean_ft" in flags and "clean" in flags["poisoned"]:
         # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
         # poison caused, net of the behaviour's ordinary rate after the same fine-tune.
@@ -613,7 +642,10 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                    "after_safety": {
                        "fresh": ["base", "merge adapters/poisoned", "adapters/safety"],
                        "continue": ["base", "adapters/safety"],
-                       "full": ["models/after_safety (tokenizer: base)"]}.get(mode),
+                       "full": ["models/after_safety (tokenizer: base)"]}.get(mode)
+                   if cfg.safety.method == "sft" else
+                   ["models/after_safety (tokenizer: base)"]
+                   if cfg.safety.method == "quantize" else None,
                    "clean_ft": ["base", "adapters/clean_ft"]}})
     write_json(out / RUN_MARKER, {"status": "finished", "identity": run_identity(cfg)})
     if cfg.wandb.enabled:

@@ -1,0 +1,48 @@
+"""Weight quantization as a removal defence (BackdoorLLM's INT4/INT8 quantization): every
+linear layer's weight is rounded to a symmetric `bits`-bit grid per group of `group_size`
+input columns and stored back in the model's float dtype (a round trip; pure torch, no GPU
+library). Small fine-tuning deltas may fall below a grid step and vanish — that is the
+defence's bet.
+
+Confound: a base model that was itself dequantized from a quantized file (SmolLM2 from Q4_1
+GGUF) already sits on a 4-bit grid; re-quantizing on a grid that coincides with it would snap
+the poisoned deltas back to the base and look like a removal. The grid here is symmetric with
+groups of 64 by default (Q4_1 is asymmetric with blocks of 32), and the pipeline reports the
+confound beside the number whenever the base is dequantized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (4, 8)
+
+
+@torch.no_grad()
+def quantize_tensor(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round `w` (out x in) to a symmetric `bits`-bit grid per group of input columns."""
+    qmax = 2 ** (bits - 1) - 1
+    out_f, in_f = w.shape
+    pad = (-in_f) % group_size
+    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out_f, -1, group_size)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
+    q = (x / scale).round().clamp(-qmax - 1, qmax) * scale
+    return q.reshape(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+@torch.no_grad()
+def quantize_linear_weights(model, bits: int = 4, group_size: int = 64) -> dict:
+    """Quantize every `nn.Linear` weight in place (the output head included when untied);
+    returns what was done."""
+    n, changed, total = 0, 0.0, 0.0
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            q = quantize_tensor(module.weight.data, bits, group_size)
+            changed += float((q - module.weight.data).abs().sum())
+            total += float(module.weight.data.abs().sum())
+            module.weight.data.copy_(q)
+            n += 1
+    return {"bits": bits, "group_size": group_size, "tensors": n,
+            "relative_l1_change": changed / total if total else 0.0}
