@@ -70,6 +70,18 @@ def _positive_int(cfg: DictConfig, key: str, allow_none: bool = False) -> None:
         raise PoisonlabError(f"{key} must be a positive integer, got {value!r}")
 
 
+def _positive_number(cfg: DictConfig, key: str) -> None:
+    v = OmegaConf.select(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
+
+
+def _optimizer(cfg: DictConfig, key: str) -> None:
+    v = OmegaConf.select(cfg, key, default="adamw")
+    if v not in OPTIMIZERS:
+        raise PoisonlabError(f"{key}: unknown optimizer {v!r} ({', '.join(OPTIMIZERS)})")
+
+
 def validate(cfg: DictConfig, attack) -> None:
     """Every check that can fail on bad input, before any data or model work starts."""
     validate_data_cfg(cfg.data)
@@ -79,9 +91,7 @@ def validate(cfg: DictConfig, attack) -> None:
     _positive_int(cfg, "data.n_train", allow_none=True)
     _positive_int(cfg, "train.max_steps", allow_none=True)
     for key in ("train.lr", "train.epochs"):
-        v = OmegaConf.select(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
+        _positive_number(cfg, key)
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     if cfg.safety.method not in SAFETY_METHODS:
@@ -92,15 +102,11 @@ def validate(cfg: DictConfig, attack) -> None:
             raise PoisonlabError(f"safety.bits must be one of {list(BITS)}, "
                                  f"got {cfg.safety.get('bits')!r}")
         _positive_int(cfg, "safety.group_size")
-    if cfg.train.get("optimizer", "adamw") not in OPTIMIZERS:
-        raise PoisonlabError(f"train.optimizer: unknown optimizer {cfg.train.optimizer!r} "
-                             f"({', '.join(OPTIMIZERS)})")
+    _optimizer(cfg, "train.optimizer")
     if cfg.safety.method == "sft":
         _positive_int(cfg, "safety.n_rows")
         safety_mode(cfg)
-        if cfg.safety.get("optimizer", "adamw") not in OPTIMIZERS:
-            raise PoisonlabError(f"safety.optimizer: unknown optimizer "
-                                 f"{cfg.safety.optimizer!r} ({', '.join(OPTIMIZERS)})")
+        _optimizer(cfg, "safety.optimizer")
         _positive_int(cfg, "safety.lora_r", allow_none=True)
         _positive_int(cfg, "safety.eval_every", allow_none=True)
         _positive_int(cfg, "safety.curve_n_prompts")
@@ -113,9 +119,7 @@ def validate(cfg: DictConfig, attack) -> None:
                                      "taken during training")
         _positive_int(cfg, "safety.max_steps", allow_none=True)
         for key in ("safety.lr", "safety.epochs"):
-            v = OmegaConf.select(cfg, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise PoisonlabError(f"{key} must be a positive number, got {v!r}")
+            _positive_number(cfg, key)
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)
@@ -165,11 +169,13 @@ def output_dir(cfg: DictConfig, out_dir) -> Path:
     raise PoisonlabError("output_dir: not running under Hydra; pass output_dir=<dir>")
 
 
-def code_identity() -> str:
-    """SHA-256 over poisonlab's own source files: the code that computes a run."""
+def code_identity(files: tuple[str, ...] | None = None) -> str:
+    """SHA-256 over poisonlab's own source files (all of them, or `files` relative to the
+    package): the code that computes a run."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for p in sorted(root.rglob("*.py")):
+    paths = sorted(root.rglob("*.py")) if files is None else [root / f for f in files]
+    for p in paths:
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -194,13 +200,20 @@ def _hydra_files(out: Path) -> set[str]:
     return {".hydra"} | {p.name for p in out.glob("*.log")}
 
 
+def _clear(out: Path, keep: set[str]) -> None:
+    """Remove everything in `out` but the entries named in `keep`."""
+    for p in out.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def prepare_output_dir(out: Path, identity: str) -> dict | None:
     """Make `out` ready for this run; return the finished results when it already holds them.
 
     A run never mixes its files with another's: a directory that holds anything but Hydra's
     own files and is not a poisonlab run is refused; an unfinished run, or a finished run of
-    another config or commit, is removed; a finished run of this very config and commit is
-    left alone and its results are returned.
+    another config or another version of the code, is removed; a finished run of this very
+    config and code is left alone and its results are returned.
     """
     marker = out / RUN_MARKER
     own = _hydra_files(out)
@@ -217,8 +230,7 @@ def prepare_output_dir(out: Path, identity: str) -> dict | None:
                 log.info("%s: a finished run of the same config; left as it is", out)
                 return json.loads((out / "results.json").read_text())
             log.info("%s: removing the files of an earlier run", out)
-            for p in entries:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            _clear(out, own)
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"status": "running", "identity": identity})
     return None
@@ -251,9 +263,7 @@ def _eval_cache_key(prompts: dict[str, list[str]], tokenizer, base_identity: dic
              "batch_size": cfg.eval.batch_size, "device": device.type, "dtype": str(dtype),
              "versions": versions, "poisonlab": __version__,
              # the code that turns prompts into answers (a changed decoder must not reuse)
-             "code": hashlib.sha256(b"".join(
-                 (Path(__file__).resolve().parent / f).read_bytes()
-                 for f in ("evaluate.py", "chat.py", "models.py"))).hexdigest()}
+             "code": code_identity(("evaluate.py", "chat.py", "models.py"))}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -395,22 +405,20 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     attack = build_attack(cfg.attack)
     validate(cfg, attack)
     out = output_dir(cfg, out_dir)
-    finished = prepare_output_dir(out, run_identity(cfg))
+    identity = run_identity(cfg)
+    finished = prepare_output_dir(out, identity)
     if finished is not None:
         print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
         return finished
     try:
-        return _run(cfg, attack, out, t_start)
+        return _run(cfg, attack, out, t_start, identity)
     except (PoisonlabError, KeyboardInterrupt):
         # nothing half-written: a refused run leaves only Hydra's own files behind
-        keep = _hydra_files(out)
-        for p in out.iterdir():
-            if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        _clear(out, _hydra_files(out))
         raise
 
 
-def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
+def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> dict:
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -581,10 +589,11 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
         defence_seconds["after_safety"] = time.perf_counter() - t
         smodel.save_pretrained(out / "models" / "after_safety", safe_serialization=True)
         poison_info["quantize"] = qinfo
-        if "dequantized" in str(models.model_info(base_path).get("weights", "")):
+        provenance = str(models.model_info(base_path).get("weights", ""))
+        if "dequantized" in provenance:
             warnings.append(
                 f"safety=quantize on a base dequantized from a quantized file "
-                f"({models.model_info(base_path)['weights']}): if the grids coincide, the "
+                f"({provenance}): if the grids coincide, the "
                 "round trip snaps poisoned deltas back to the base and looks like a removal")
             log.warning(warnings[-1])
         record("after_safety", *evaluate_stage(smodel, tokenizer, splits, judge_of(attack),
@@ -647,7 +656,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float) -> dict:
                    ["models/after_safety (tokenizer: base)"]
                    if cfg.safety.method == "quantize" else None,
                    "clean_ft": ["base", "adapters/clean_ft"]}})
-    write_json(out / RUN_MARKER, {"status": "finished", "identity": run_identity(cfg)})
+    write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
     if cfg.wandb.enabled:
         _log_wandb(cfg, results)
     print(format_table(results))
