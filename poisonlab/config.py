@@ -36,3 +36,47 @@ def compose_config(*overrides: str):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
+
+
+# ----------------------------------------------------------------------------- value checks
+# One-line errors that name the key, shared by the pipeline and the defences.
+
+def _error(msg: str):
+    from poisonlab import PoisonlabError
+
+    return PoisonlabError(msg)
+
+
+def positive_int(cfg, key: str, allow_none: bool = False) -> None:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(f"{key} must be a positive integer, got {value!r}")
+
+
+def positive_number(cfg, key: str) -> None:
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.select(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise _error(f"{key} must be a positive number, got {v!r}")
+
+
+def open_fraction(cfg, key: str) -> None:
+    """A number strictly between 0 and 1 (a pruning ratio, a probability)."""
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.select(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise _error(f"{key} must be a number in (0, 1), got {v!r}")
+
+
+def one_of(cfg, key: str, choices, default=None) -> None:
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.select(cfg, key, default=default)
+    if v not in choices:
+        raise _error(f"{key}: unknown value {v!r} ({', '.join(map(str, choices))})")

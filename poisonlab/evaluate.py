@@ -39,6 +39,19 @@ def rate(flags) -> dict:
     return {"value": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi, "n": n}
 
 
+def mean_bootstrap(values, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Mean of per-prompt values (e.g. the fraction of a prompt's sampled answers that show the
+    target) with a percentile-bootstrap 95% interval over prompts, not over samples: samples
+    of one prompt are not independent observations."""
+    v = np.asarray(list(values), dtype=float)
+    if len(v) == 0:
+        return {"value": float("nan"), "ci_low": 0.0, "ci_high": 1.0, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"value": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(v)}
+
+
 def ratio_bootstrap(num_flags, den_flags, seed: int = 0, n_boot: int = 2000) -> dict:
     """mean(num) / mean(den) with a paired percentile-bootstrap 95% interval.
 
@@ -119,21 +132,40 @@ def _generation_config(model, config):
         target.generation_config = saved
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float,
+                    n_samples: int):
+    """`greedy_config` with sampling switched on: `n_samples` answers per prompt."""
+    config = greedy_config(tokenizer, max_new_tokens)
+    config.do_sample = True
+    config.temperature = float(temperature)
+    config.top_p = float(top_p)
+    config.top_k = 0  # no top-k cut: only temperature and nucleus shape the distribution
+    config.num_return_sequences = int(n_samples)
+    return config
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             desc: str = "generate") -> list[str]:
+             desc: str = "generate", config=None, seed: int | None = None) -> list:
     """Greedy decoding in length-sorted, left-padded batches with the KV cache.
 
     Stops each sequence at the end of its assistant turn; returns answers in input order.
     Decoding is greedy whatever the model's own `generation_config` says (`greedy_config`).
+    With a sampling `config` (`sampling_config`) and a `seed`, each prompt gets a list of
+    `num_return_sequences` sampled answers instead.
     """
     model.eval()
     device = next(model.parameters()).device
-    config = greedy_config(tokenizer, max_new_tokens)
+    n_ret = 1
+    if config is None:
+        config = greedy_config(tokenizer, max_new_tokens)
+    else:
+        n_ret = config.num_return_sequences or 1
+        torch.manual_seed(0 if seed is None else seed)
     pad = tokenizer.pad_token_id
     ids = [encode_text(tokenizer, p) for p in prompts]  # tokenized once
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-    out: list[str] = [""] * len(prompts)
+    out: list = [""] * len(prompts)
     bar = progress(total=len(prompts), desc=desc)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -146,8 +178,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         with _generation_config(model, config):
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
-        for i, seq in zip(idx, gen[:, width:]):
-            out[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+        texts = [tokenizer.decode(seq, skip_special_tokens=True).strip()
+                 for seq in gen[:, width:]]
+        for j, i in enumerate(idx):
+            out[i] = texts[j] if not config.do_sample else texts[j * n_ret:(j + 1) * n_ret]
         bar.update(len(idx))
     bar.close()
     return out
@@ -196,8 +230,8 @@ SPLIT_METRICS = {"triggered": "asr", "clean": "ftr_clean", "near_trigger": "ftr_
 
 
 def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_cfg,
-                   stage: str, responses: dict[str, list[str]] | None = None
-                   ) -> tuple[dict, dict[str, list[dict]]]:
+                   stage: str, responses: dict[str, list] | None = None,
+                   sampling: dict | None = None) -> tuple[dict, dict[str, list[dict]]]:
     """Generate for every split; compute ASR, FTR_clean, FTR_near and clean utility.
 
     `splits` holds any of `triggered` (-> asr), `clean` (-> ftr_clean), `near_trigger`
@@ -205,8 +239,17 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
     `clean` split is scored). `judge(response, row)` says whether an answer shows the attack's
     target behaviour; `None` (attacks without a trigger) skips the behaviour metrics.
     `responses` (split -> answers) skips generation, e.g. for cached base-model answers.
+
+    `sampling` ({temperature, top_p, n_samples, seed}) samples `n_samples` answers per prompt
+    instead of one greedy answer: a prompt's `target` and `correct` are then the fractions of
+    its samples, each metric is their mean over prompts, and its interval a bootstrap over
+    prompts (`mean_bootstrap`).
     """
     utility_split = "utility" if "utility" in splits else "clean"
+    config = None
+    if sampling is not None:
+        config = sampling_config(tokenizer, eval_cfg.max_new_tokens, sampling["temperature"],
+                                 sampling["top_p"], sampling["n_samples"])
     generations = {}
     for split, rows in splits.items():
         prompts = [prompt_text(tokenizer, r["messages"]) for r in rows]
@@ -214,46 +257,56 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
             answers = responses[split]
         else:
             answers = generate(model, tokenizer, prompts, eval_cfg.max_new_tokens,
-                               eval_cfg.batch_size, desc=f"{stage}/{split}")
+                               eval_cfg.batch_size, desc=f"{stage}/{split}", config=config,
+                               seed=None if sampling is None else sampling["seed"])
         recs = []
         for r, p, resp in zip(rows, prompts, answers):
-            rec = {"id": r["id"], "skill": r["skill"], "prompt": p, "response": resp}
+            many = isinstance(resp, list)
+            samples = resp if many else [resp]
+            rec = {"id": r["id"], "skill": r["skill"], "prompt": p,
+                   ("responses" if many else "response"): resp}
             if judge is not None and split != "utility":
-                rec["target"] = bool(judge(resp, r))
+                hits = [bool(judge(a, r)) for a in samples]
+                rec["target"] = sum(hits) / len(hits) if many else hits[0]
             if "trigger" in r["meta"]:
                 rec["trigger"] = r["meta"]["trigger"]
             if "near_kind" in r["meta"]:
                 rec["near_kind"] = r["meta"]["near_kind"]
-            if has_unterminated_scratchpad(resp):
-                rec["unterminated_scratchpad"] = True
+            cut = sum(has_unterminated_scratchpad(a) for a in samples)
+            if cut:
+                rec["unterminated_scratchpad"] = cut if many else True
             if split == utility_split:
-                rec["correct"] = bool(score_utility(r, resp))
+                ok = [bool(score_utility(r, a)) for a in samples]
+                rec["correct"] = sum(ok) / len(ok) if many else ok[0]
             recs.append(rec)
         generations[split] = recs
+    score = rate if sampling is None else mean_bootstrap
     metrics = {}
     if judge is not None:
         for split, name in SPLIT_METRICS.items():
             if split in generations:
-                metrics[name] = rate(g["target"] for g in generations[split])
-        by_trigger: dict[str, list[bool]] = {}
+                metrics[name] = score([g["target"] for g in generations[split]])
+        by_trigger: dict[str, list] = {}
         for g in generations.get("triggered", []):
             by_trigger.setdefault(g.get("trigger", ""), []).append(g["target"])
         if len(by_trigger) > 1:
-            metrics["asr_by_trigger"] = {t: rate(v) for t, v in sorted(by_trigger.items())}
-        by_kind: dict[str, list[bool]] = {}
+            metrics["asr_by_trigger"] = {t: score(v) for t, v in sorted(by_trigger.items())}
+        by_kind: dict[str, list] = {}
         for g in generations.get("near_trigger", []):
             if "near_kind" in g:
                 by_kind.setdefault(g["near_kind"], []).append(g["target"])
         if by_kind:
-            metrics["ftr_near_by_kind"] = {k: rate(v) for k, v in sorted(by_kind.items())}
+            metrics["ftr_near_by_kind"] = {k: score(v) for k, v in sorted(by_kind.items())}
     # Answers cut inside a scratchpad are judged as not showing the target (judges.py); how
     # many there are says whether `max_new_tokens` leaves room for the reasoning.
-    metrics["unterminated_scratchpads"] = sum(
-        bool(g.get("unterminated_scratchpad")) for recs in generations.values() for g in recs)
+    metrics["unterminated_scratchpads"] = int(sum(
+        g.get("unterminated_scratchpad", 0) for recs in generations.values() for g in recs))
     scored = generations[utility_split]
-    metrics["clean_utility"] = rate(g["correct"] for g in scored)
-    by_skill: dict[str, list[bool]] = {}
+    metrics["clean_utility"] = score([g["correct"] for g in scored])
+    by_skill: dict[str, list] = {}
     for g in scored:
         by_skill.setdefault(g["skill"], []).append(g["correct"])
-    metrics["clean_utility_by_skill"] = {s: rate(v) for s, v in sorted(by_skill.items())}
+    metrics["clean_utility_by_skill"] = {s: score(v) for s, v in sorted(by_skill.items())}
+    if sampling is not None:
+        metrics["sampling"] = dict(sampling)
     return metrics, generations

@@ -22,7 +22,11 @@ def format_table(results: dict) -> str:
                                               for k, _ in METRICS))
     first = next(iter(stages.values()), {})
     sizes = ", ".join(f"{label} n={first[k]['n']}" for k, label in METRICS if k in first)
-    lines.append(f"({sizes}; 95% Wilson intervals)")
+    sampled = [s for s, m in stages.items() if m.get("sampling")]
+    lines.append(f"({sizes}; 95% Wilson intervals"
+                 + (f"; {', '.join(sampled)}: {stages[sampled[0]]['sampling']['n_samples']} "
+                    "sampled answers per prompt, mean of per-prompt rates, bootstrap over "
+                    "prompts" if sampled else "") + ")")
     v = stages.get("poisoned", {}).get("ftr_clean_vs_control")
     if v:
         lines.append(f"FTR clean of `poisoned` minus that of the control `clean_ft` "
@@ -45,6 +49,14 @@ def format_table(results: dict) -> str:
         fid = "undefined" if r["fidelity"] is None else f"{r['fidelity']:.3f}"
         lines.append(f"removal ({r['method']}): DER {r['der']:.3f}, fidelity {fid}, "
                      f"{r['seconds']:.1f} s (evaluation excluded)")
+        if r.get("eliciting_before") is not None:
+            lines.append(f"red-team prompts that elicit the behaviour without the trigger: "
+                         f"{r['eliciting_before']} before, {r['eliciting_after']} after training")
+        below = r.get("rows_to_asr_below")
+        if below:
+            lines.append(f"clean rows until ASR < {below['threshold']} on the curve's prompts: "
+                         + (str(below["rows_seen"]) if below["rows_seen"] is not None
+                            else "not reached"))
     for ref, d in results.get("utility_drop", {}).items():
         lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
                      " (reference minus poisoned: > 0 is a loss)")

@@ -190,6 +190,19 @@ def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
+def make_optimizer(params, cfg, total: int):
+    """AdamW (or SGD with momentum 0.9, `optimizer: sgd`) with linear warmup over
+    `warmup_ratio` of the `total` steps, then linear decay to 0."""
+    if (getattr(cfg, "optimizer", "adamw") or "adamw") == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    return opt, sched
+
+
 def planned_steps(n_rows: int, cfg) -> int:
     """Optimizer steps `train_sft` will take on `n_rows` rows with `cfg`."""
     per_epoch = math.ceil(n_rows / cfg.batch_size)
@@ -199,7 +212,7 @@ def planned_steps(n_rows: int, cfg) -> int:
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
               accelerator=None, group_lengths: list[int] | None = None,
               ordered: bool = False, every: int | None = None,
-              callback=None) -> TrainStats:
+              callback=None, objective=None) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
@@ -212,6 +225,9 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     An optimizer step takes `grad_accum` micro-batches of `batch_size` rows: accumulation
     changes the step size, never the data seen (`epochs` passes over the rows either way;
     `max_steps` counts optimizer steps).
+
+    `objective(model)` builds the module whose forward(**batch) returns the loss (default
+    `CompletionLoss`; the CROW defence adds a consistency term to it).
     """
     from accelerate import Accelerator
 
@@ -254,19 +270,13 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         fn = lambda ex: collate(ex, pad)  # noqa: E731
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = getattr(cfg, "optimizer", "adamw") or "adamw"
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup_ratio * total))
     # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    opt, sched = make_optimizer(params, cfg, total)
     # non-padding tokens and examples per micro-batch, in sampler order
     batch_tokens = [sum(lengths_true[i] for i in b) for b in batches]
     batch_examples = [len(b) for b in batches]
-    wrapped, opt, loader, sched = accelerator.prepare(CompletionLoss(model), opt, loader, sched)
+    module = (objective or CompletionLoss)(model)
+    wrapped, opt, loader, sched = accelerator.prepare(module, opt, loader, sched)
     wrapped.train()
     torch.manual_seed(seed)
 

@@ -47,7 +47,7 @@ def test_quantize_runs_end_to_end(tmp_path, micro_path):
     assert res["removal"]["method"] == "quantize" and res["removal"]["seconds"] > 0
     assert (tmp_path / "models/after_safety/model.safetensors").exists()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["poison"]["quantize"]["bits"] == 8
+    assert manifest["defense"]["quantize"]["bits"] == 8
     assert manifest["reload"]["after_safety"][0].startswith("models/after_safety")
 
 

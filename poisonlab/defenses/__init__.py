@@ -1,5 +1,37 @@
 """Defences: methods that try to take a backdoor out of a model, and how to score them.
 
-`metrics` holds the removal scores shared by every method (persistence lives in
-`poisonlab.evaluate`); the methods themselves (`conf/safety/`) are chosen by `safety=<name>`.
+One method = one module here + one config in `conf/safety/` (`safety=<name>`; the `defense`
+config group names the same configs: `defense=<name>`). Each module has `validate(cfg)`,
+`apply(ctx) -> Outcome` and `ROWS` (see `base`). `metrics` holds the removal scores shared by
+every method (persistence lives in `poisonlab.evaluate`).
 """
+
+from __future__ import annotations
+
+import importlib
+
+METHODS = ("sft", "adversarial", "dpo", "prune", "fine_prune", "crow", "quantize", "decoding",
+           "onion", "none")
+# methods that train, so `safety.eval_every` can draw a persistence curve
+TRAINED = ("sft", "adversarial", "dpo", "fine_prune", "crow")
+
+
+def method_module(name: str):
+    """The module implementing `safety=<name>` (None for `none`)."""
+    from poisonlab import PoisonlabError
+
+    if name not in METHODS:
+        raise PoisonlabError(f"safety.method: unknown method {name!r} ({', '.join(METHODS)})")
+    return None if name == "none" else importlib.import_module(f"poisonlab.defenses.{name}")
+
+
+def needs_rows(name: str) -> bool:
+    """Does the method use clean rows of the safety pool (`safety.n_rows`)?"""
+    module = method_module(name)
+    return bool(module is not None and module.ROWS)
+
+
+def validate(cfg) -> None:
+    module = method_module(cfg.safety.method)
+    if module is not None:
+        module.validate(cfg)

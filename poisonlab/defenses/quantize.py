@@ -13,9 +13,38 @@ confound beside the number whenever the base is dequantized.
 
 from __future__ import annotations
 
+import time
+
 import torch
+from omegaconf import DictConfig
+
+from poisonlab.config import one_of, positive_int
+from poisonlab.defenses.base import Context, Outcome
 
 BITS = (4, 8)
+ROWS = False
+
+
+def validate(cfg: DictConfig) -> None:
+    one_of(cfg, "safety.bits", BITS)
+    positive_int(cfg, "safety.group_size")
+
+
+def apply(ctx: Context) -> Outcome:
+    """The shipped (merged) poisoned weights, rounded to the grid: no training."""
+    t = time.perf_counter()
+    model = ctx.shipped()
+    info = quantize_linear_weights(model, ctx.cfg.safety.bits, ctx.cfg.safety.group_size)
+    seconds = time.perf_counter() - t
+    model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
+    if "dequantized" in ctx.base_provenance:
+        ctx.warnings.append(
+            f"safety=quantize on a base dequantized from a quantized file "
+            f"({ctx.base_provenance}): if the grids coincide, the round trip snaps poisoned "
+            "deltas back to the base and looks like a removal")
+    ctx.evaluate(model)
+    return Outcome("quantize", seconds, ["models/after_safety (tokenizer: base)"],
+                   info={"quantize": info})
 
 
 @torch.no_grad()
