@@ -40,7 +40,7 @@ from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, gene
 from poisonlab.report import format_table, plot_curve
 from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
                                write_manifest)
-from poisonlab.train import planned_steps, train_sft
+from poisonlab.train import train_sft
 from poisonlab.utils import seed_everything, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -65,26 +65,19 @@ def build_attack(attack_cfg: DictConfig):
     return attack
 
 
-_positive_int = positive_int
-
-
-def _optimizer(cfg: DictConfig, key: str) -> None:
-    one_of(cfg, key, OPTIMIZERS, default="adamw")
-
-
 def validate(cfg: DictConfig, attack) -> None:
     """Every check that can fail on bad input, before any data or model work starts."""
     validate_data_cfg(cfg.data)
     for key in ("eval.n_prompts", "eval.max_new_tokens", "eval.batch_size",
                 "train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lora.r"):
-        _positive_int(cfg, key)
-    _positive_int(cfg, "data.n_train", allow_none=True)
-    _positive_int(cfg, "train.max_steps", allow_none=True)
+        positive_int(cfg, key)
+    positive_int(cfg, "data.n_train", allow_none=True)
+    positive_int(cfg, "train.max_steps", allow_none=True)
     for key in ("train.lr", "train.epochs"):
         positive_number(cfg, key)
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
-    _optimizer(cfg, "train.optimizer")
+    one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
     defenses.validate(cfg)
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
@@ -184,9 +177,6 @@ def prepare_output_dir(out: Path, identity: str) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"status": "running", "identity": identity})
     return None
-
-
-_stage_train_cfg = stage_train_cfg
 
 
 def _eval_cache_key(prompts: dict[str, list[str]], tokenizer, base_identity: dict,
@@ -497,13 +487,13 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     # -------------------------------------------------------------- control: clean fine-tune
     if control:
         finetune_and_evaluate(lora(model, cfg.seed), clean_rows, "clean_ft", "clean_ft",
-                              _stage_train_cfg(cfg), cfg.seed, group_lengths=clean_lengths,
+                              stage_train_cfg(cfg), cfg.seed, group_lengths=clean_lengths,
                               ordered=attack.placement != "uniform")
         model = fresh_base()  # the control's adapter was injected into `model`
 
     # -------------------------------------------------------------- poisoned fine-tune
     pmodel = lora(model, cfg.seed)
-    finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", _stage_train_cfg(cfg),
+    finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", stage_train_cfg(cfg),
                           cfg.seed, group_lengths=clean_lengths, ordered=attack.placement != "uniform")
 
     # -------------------------------------------------------------- safety / defence

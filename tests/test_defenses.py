@@ -402,3 +402,19 @@ def test_curve_gives_the_rows_needed_to_push_asr_below_a_tenth(tmp_path, micro_p
     points = res["curves"]["after_safety"]
     first = next((p["rows_seen"] for p in points if p["asr"]["value"] < 0.1), None)
     assert below == {"threshold": 0.1, "rows_seen": first}
+
+
+def test_every_preset_is_documented_in_experiments():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = "".join(p.read_text() for p in (root / "experiments").glob("*.md"))
+    presets = list((root / "conf" / "experiment").glob("*.yaml"))
+    assert len(presets) > 20
+    for p in presets:
+        name = p.stem
+        if name.startswith("badnets_refusal_"):  # one row names the family and its methods
+            method = name[len("badnets_refusal_"):]
+            assert "`badnets_refusal_<method>`" in docs and f"`{method}`" in docs, name
+        else:
+            assert f"`{name}`" in docs, name

@@ -129,6 +129,11 @@ def _cli(tmp_path, *overrides):
     (["attack=dos", "attack.clean_label=true"], "attack.clean_label"),
     (["attack=random", "attack.clean_label=true"], "attack.clean_label"),
     (["control=sometimes"], "control"),
+    (["safety=prune", "safety.ratio=1.2"], "safety.ratio"),
+    (["safety=crow", "safety.max_steps=-5"], "safety.max_steps"),
+    (["safety=dpo", "safety.eval_every=10000"], "safety.eval_every"),
+    (["safety.method=forget"], "safety.method"),
+    (["defense=no_such_defence"], "no_such_defence"),
 ])
 def test_bad_input_fails_cleanly_before_any_work(tmp_path, overrides, key):
     res = _cli(tmp_path, *overrides)

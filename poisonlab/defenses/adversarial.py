@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 from omegaconf import DictConfig
 
 from poisonlab import PoisonlabError
 from poisonlab.attacks.base import eval_row, insert_phrase, user_text, with_user_text
+from poisonlab.chat import prompt_text
 from poisonlab.config import one_of, positive_int
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import Context, Outcome
 from poisonlab.evaluate import generate
-from poisonlab.chat import prompt_text
 from poisonlab.utils import write_jsonl
 
 ROWS = True
@@ -197,8 +198,6 @@ def apply(ctx: Context) -> Outcome:
     if not ctx.attack.has_judge:
         raise PoisonlabError(f"safety=adversarial needs an attack with a target behaviour to "
                              f"search for; {ctx.attack.family!r} has none")
-    import time
-
     t = time.perf_counter()
     tried, _ = search(ctx.poisoned, ctx.tokenizer, ctx.attack, ctx.safety_rows, cfg)
     search_seconds = time.perf_counter() - t

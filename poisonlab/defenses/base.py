@@ -14,7 +14,6 @@ its persistence curves), so a new one is mostly its loss or its data.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -109,8 +108,3 @@ def validate_training(cfg: DictConfig, n_rows: int | None = None) -> None:
             raise PoisonlabError(f"safety.eval_every={every} is larger than the run "
                                  f"({planned} optimizer steps): no curve point would be "
                                  "taken during training")
-
-
-def copy_model(model):
-    """A deep copy (the defence must not change the model it was handed)."""
-    return copy.deepcopy(model)

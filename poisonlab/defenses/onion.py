@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 from omegaconf import DictConfig
 
@@ -123,8 +124,6 @@ def sanitize_rows(model, tokenizer, rows: list[dict], threshold: float, max_word
 
 
 def apply(ctx: Context) -> Outcome:
-    import time
-
     s = ctx.cfg.safety
     scorer = ctx.load_base() if s.scorer == "base" else ctx.poisoned
     t = time.perf_counter()
