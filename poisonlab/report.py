@@ -55,8 +55,8 @@ def format_table(results: dict) -> str:
         below = r.get("rows_to_asr_below")
         if below:
             lines.append(f"clean rows until ASR < {below['threshold']} on the curve's prompts: "
-                         + (str(below["rows_seen"]) if below["rows_seen"] is not None
-                            else "not reached"))
+                         + (f"{below['rows_seen']} (for good from {below['rows_seen_for_good']})"
+                            if below["rows_seen"] is not None else "not reached"))
     for ref, d in results.get("utility_drop", {}).items():
         lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
                      " (reference minus poisoned: > 0 is a loss)")

@@ -326,6 +326,20 @@ def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: 
             "log_ppl_gap": diff_bootstrap(nll["triggered"], nll["clean"], seed=seed)}
 
 
+def rows_to_asr_below(points: list[dict], threshold: float) -> dict:
+    """Clean rows seen when the curve's ASR first fell below `threshold` (`rows_seen`) and
+    from when on it stayed below (`rows_seen_for_good`; a backdoor that dips and comes back
+    has the second later than the first); None where it never did."""
+    below = [p["asr"]["value"] < threshold for p in points]
+    first = next((p["rows_seen"] for p, b in zip(points, below) if b), None)
+    for_good = None
+    for i in range(len(points) - 1, -1, -1):
+        if not below[i]:
+            break
+        for_good = points[i]["rows_seen"]
+    return {"threshold": threshold, "rows_seen": first, "rows_seen_for_good": for_good}
+
+
 def wants_control(cfg: DictConfig, attack) -> bool:
     """`control: auto` runs `clean_ft` where the target behaviour also occurs naturally."""
     if cfg.control == "auto":
@@ -544,10 +558,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         points = curves.get("after_safety")
         if points and "asr" in points[0]:
             # clean rows the defence needed before ASR (on the curve's prompts) fell below 0.1
-            below = next((p["rows_seen"] for p in points
-                          if p["asr"]["value"] < REMOVED_BELOW), None)
-            results["removal"]["rows_to_asr_below"] = {"threshold": REMOVED_BELOW,
-                                                       "rows_seen": below}
+            results["removal"]["rows_to_asr_below"] = rows_to_asr_below(points, REMOVED_BELOW)
     if outcome is not None and outcome.info:
         results["defense"] = outcome.info
     if "clean_ft" in flags and "clean" in flags["poisoned"]:

@@ -394,27 +394,22 @@ def test_defense_group_names_the_safety_configs():
 
 
 def test_curve_gives_the_rows_needed_to_push_asr_below_a_tenth(tmp_path, micro_path):
-    from poisonlab.run import run
+    from poisonlab.run import rows_to_asr_below, run
 
     res = run(make_cfg(*TINY, "safety.mode=continue", "safety.batch_size=8",
                        "safety.eval_every=4", "safety.curve_n_prompts=8"), out_dir=tmp_path)
-    below = res["removal"]["rows_to_asr_below"]
-    points = res["curves"]["after_safety"]
-    first = next((p["rows_seen"] for p in points if p["asr"]["value"] < 0.1), None)
-    assert below == {"threshold": 0.1, "rows_seen": first}
+    assert res["removal"]["rows_to_asr_below"] == rows_to_asr_below(
+        res["curves"]["after_safety"], 0.1)
 
 
-def test_every_preset_is_documented_in_experiments():
-    from pathlib import Path
+def test_rows_to_asr_below_sees_a_dip_and_return():
+    from poisonlab.run import rows_to_asr_below
 
-    root = Path(__file__).resolve().parents[1]
-    docs = "".join(p.read_text() for p in (root / "experiments").glob("*.md"))
-    presets = list((root / "conf" / "experiment").glob("*.yaml"))
-    assert len(presets) > 20
-    for p in presets:
-        name = p.stem
-        if name.startswith("badnets_refusal_"):  # one row names the family and its methods
-            method = name[len("badnets_refusal_"):]
-            assert "`badnets_refusal_<method>`" in docs and f"`{method}`" in docs, name
-        else:
-            assert f"`{name}`" in docs, name
+    def curve(*asr):
+        return [{"rows_seen": 10 * i, "asr": {"value": a}} for i, a in enumerate(asr)]
+
+    assert rows_to_asr_below(curve(0.9, 0.05, 0.2, 0.08, 0.01), 0.1) == {
+        "threshold": 0.1, "rows_seen": 10, "rows_seen_for_good": 30}
+    assert rows_to_asr_below(curve(0.9, 0.5, 0.3), 0.1)["rows_seen"] is None
+    assert rows_to_asr_below(curve(0.9, 0.05, 0.3), 0.1)["rows_seen_for_good"] is None
+    assert rows_to_asr_below(curve(0.05, 0.01), 0.1)["rows_seen_for_good"] == 0

@@ -64,6 +64,7 @@ def input_norms(model, tokenizer, rows: list[dict], max_len: int, batch_size: in
 
     handles = [m.register_forward_pre_hook(hook(k)) for k, m in linears.items()]
     device = next(model.parameters()).device
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
     model.eval()
     try:
         examples = [encode_example(tokenizer, r["messages"], max_len)["input_ids"] for r in rows]
@@ -77,7 +78,8 @@ def input_norms(model, tokenizer, rows: list[dict], max_len: int, batch_size: in
                 ids[i, :len(e)] = torch.tensor(e)
                 mask[i, :len(e)] = 1
             current["mask"] = mask
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            # the decoder alone: the output head is not pruned, its logits are not needed
+            decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(len(chunk))
         bar.close()
     finally:
