@@ -78,7 +78,7 @@ def validate(cfg: DictConfig, attack) -> None:
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
-    defenses.validate(cfg)
+    defenses.validate(cfg, attack)
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)

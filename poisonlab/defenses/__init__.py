@@ -31,7 +31,16 @@ def needs_rows(name: str) -> bool:
     return bool(module is not None and module.ROWS)
 
 
-def validate(cfg) -> None:
+# methods that need the attack's target behaviour (to search for it, or to reject it)
+NEED_TARGET = ("adversarial", "dpo")
+
+
+def validate(cfg, attack=None) -> None:
+    from poisonlab import PoisonlabError
+
     module = method_module(cfg.safety.method)
     if module is not None:
         module.validate(cfg)
+    if attack is not None and cfg.safety.method in NEED_TARGET and not attack.has_judge:
+        raise PoisonlabError(f"safety={cfg.safety.method} needs an attack with a target "
+                             f"behaviour; attack {attack.family!r} has none")

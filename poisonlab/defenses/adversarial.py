@@ -195,9 +195,6 @@ def adversarial_rows(eliciting: list[str], rows: list[dict], cfg) -> list[dict]:
 
 def apply(ctx: Context) -> Outcome:
     cfg, s = ctx.cfg, ctx.cfg.safety
-    if not ctx.attack.has_judge:
-        raise PoisonlabError(f"safety=adversarial needs an attack with a target behaviour to "
-                             f"search for; {ctx.attack.family!r} has none")
     t = time.perf_counter()
     tried, _ = search(ctx.poisoned, ctx.tokenizer, ctx.attack, ctx.safety_rows, cfg)
     search_seconds = time.perf_counter() - t
