@@ -375,6 +375,7 @@ def test_onion_scores_every_word(micro_path, micro_tokenizer):
     ("safety.method=unlearn", "safety.method"),
     ("safety=crow safety.eval_every=10000", "safety.eval_every"),
     ("safety=adversarial attack=random", "safety=adversarial"),
+    ("safety=fine_prune safety.mode=continue", "safety.mode"),
     ("safety=dpo attack=random", "safety=dpo"),
 ])
 def test_bad_defence_configs_fail_with_one_line_before_any_work(tmp_path, override, key):

@@ -13,7 +13,8 @@ import time
 
 from omegaconf import DictConfig
 
-from poisonlab.defenses import prune
+from poisonlab import PoisonlabError
+from poisonlab.defenses import prune, sft
 from poisonlab.defenses.base import Context, Outcome, validate_training
 
 ROWS = True
@@ -22,6 +23,9 @@ ROWS = True
 def validate(cfg: DictConfig) -> None:
     prune.validate(cfg)
     validate_training(cfg)
+    if sft.safety_mode(cfg) != "fresh":
+        raise PoisonlabError(f"safety=fine_prune trains a fresh adapter on the pruned weights; "
+                             f"safety.mode={cfg.safety.mode} does not apply")
 
 
 def apply(ctx: Context) -> Outcome:
