@@ -416,3 +416,33 @@ def test_rows_to_asr_below_sees_a_dip_and_return():
     assert rows_to_asr_below(curve(0.9, 0.5, 0.3), 0.1)["rows_seen"] is None
     assert rows_to_asr_below(curve(0.9, 0.05, 0.3), 0.1)["rows_seen_for_good"] is None
     assert rows_to_asr_below(curve(0.05, 0.01), 0.1)["rows_seen_for_good"] == 0
+
+
+@pytest.mark.parametrize("mode", ["fresh", "continue", "full"])
+def test_trainable_parameters_by_mode(mode, micro_path, tmp_path):
+    """fresh: only the new adapter trains (the merged base stays frozen); continue: only the
+    poisoned adapter; full: every weight."""
+    from omegaconf import OmegaConf
+
+    from poisonlab import models
+    from poisonlab.defenses import sft
+    from poisonlab.defenses.base import Context
+
+    cfg = make_cfg("debug=default", f"safety.mode={mode}")
+    poisoned = models.add_lora(models.load_model(micro_path, torch.device("cpu"), torch.float32),
+                               OmegaConf.to_container(cfg.train.lora, resolve=True))
+    ctx = Context(cfg=cfg, attack=None, tokenizer=None, poisoned=poisoned, safety_rows=[],
+                  splits={}, out=tmp_path, seed=0, warnings=[], base_provenance="",
+                  load_base=None, train=None, evaluate=None, judge=None)
+    model, save = sft.trainable(ctx, mode)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    total = sum(1 for _ in model.parameters())
+    if mode == "full":
+        assert len(names) == total and save == {"weights": "models/after_safety"}
+    else:
+        assert names and all("lora_" in n for n in names) and save == {"adapter": "safety"}
+        assert len(names) < total
+    if mode == "fresh":  # a new adapter on merged weights: no poisoned adapter left to train
+        assert model is not poisoned and ctx.shipped() is ctx.shipped()
+    if mode == "continue":
+        assert model is poisoned
