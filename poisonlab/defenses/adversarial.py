@@ -196,14 +196,13 @@ def adversarial_rows(eliciting: list[str], rows: list[dict], cfg) -> list[dict]:
 def apply(ctx: Context) -> Outcome:
     cfg, s = ctx.cfg, ctx.cfg.safety
     t = time.perf_counter()
-    tried, _ = search(ctx.poisoned, ctx.tokenizer, ctx.attack, ctx.safety_rows, cfg)
+    tried, probes = search(ctx.poisoned, ctx.tokenizer, ctx.attack, ctx.safety_rows, cfg)
     search_seconds = time.perf_counter() - t
     eliciting = [x["candidate"] for x in tried if x["hits"] >= s.min_hits]
     adv = adversarial_rows(eliciting, ctx.safety_rows, cfg)
     mode = sft.safety_mode(cfg)
     model, save = sft.trainable(ctx, mode)
     stats = ctx.train(model, ctx.safety_rows + adv, **save)
-    probes = probe_rows(ctx.attack, ctx.safety_rows, s.probe_prompts, cfg.seed)
     after = hits(model, ctx.tokenizer, ctx.attack, [x["candidate"] for x in tried], probes, cfg,
                  "red-team after training")
     for x, n in zip(tried, after):
