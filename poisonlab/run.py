@@ -4,6 +4,8 @@ The pipeline, top to bottom:
   validate config -> clean data (disjoint pools) -> poison (exact, recorded) -> base model
   -> evaluate `base` -> [control: clean fine-tune, evaluate `clean_ft`]
   -> LoRA fine-tune on poisoned data, evaluate `poisoned`
+  -> [detect: each detector of `detect` scored against the manifest; filter: drop the rows a
+     detector flags, train the poisoned stage again on the rest, evaluate `filtered`]
   -> safety SFT (safety.mode: fresh adapter on the merged model, continue the poisoned
      adapter, or full fine-tuning), evaluate `after_safety`, removal scores
   -> results.json, generations/, data/, adapters/, manifest.json
@@ -32,6 +34,7 @@ from poisonlab.chat import IGNORE_INDEX, encode_example, prompt_text
 from poisonlab import defenses
 from poisonlab.config import CONF_DIR, one_of, positive_int, positive_number
 from poisonlab.data import load_splits, tinyworld, validate_data_cfg
+from poisonlab.defenses import detect
 from poisonlab.defenses.base import OPTIMIZERS, Context, stage_train_cfg
 from poisonlab.defenses.metrics import removal_record
 from poisonlab.defenses.sft import safety_mode  # noqa: F401 (re-exported)
@@ -79,6 +82,7 @@ def validate(cfg: DictConfig, attack) -> None:
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
     defenses.validate(cfg, attack)
+    detect.validate(cfg, attack)
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)
@@ -340,6 +344,39 @@ def rows_to_asr_below(points: list[dict], threshold: float) -> dict:
     return {"threshold": threshold, "rows_seen": first, "rows_seen_for_good": for_good}
 
 
+def calibration_rows(pools: dict, train_rows: list[dict], attack, seed: int, n: int = 200
+                     ) -> list[dict]:
+    """Trusted clean rows for the detectors' thresholds: trigger-free rows of the safety pool
+    (clean and never trained on), else the training rows themselves (which may hold poisons)."""
+    import random
+
+    pool = pools.get("safety") or train_rows
+    rows = [r for r in pool if not attack.mentions_trigger(r)]
+    random.Random(f"calibration-{seed}").shuffle(rows)
+    return rows[:n]
+
+
+def filter_rows(rows: list[dict], det, name: str, top_k: int | None) -> tuple[list[int], dict]:
+    """Indices of the rows kept after dropping the detector's flags (or its `top_k` highest
+    scores; ties broken by row order), and results.json's `filtered` record."""
+    if top_k is None:
+        drop = {i for i, f in enumerate(det.flagged) if f}
+        rule = "flagged"
+    else:
+        order = sorted(range(len(rows)), key=lambda i: (-det.scores[i], i))
+        drop = set(order[:top_k])
+        rule = f"top_k={top_k}"
+    keep = [i for i in range(len(rows)) if i not in drop]
+    if not keep:
+        raise PoisonlabError(f"filter: detector {name!r} flags every training row; nothing "
+                             "is left to train on")
+    n_poison = sum(bool(r.get("poisoned")) for r in rows)
+    removed_poisoned = sum(bool(rows[i].get("poisoned")) for i in drop)
+    return keep, {"detector": name, "rule": rule, "rows": len(rows), "removed": len(drop),
+                  "removed_poisoned": removed_poisoned,
+                  "poisoned_left": n_poison - removed_poisoned, "kept": len(keep)}
+
+
 def wants_control(cfg: DictConfig, attack) -> bool:
     """`control: auto` runs `clean_ft` where the target behaviour also occurs naturally."""
     if cfg.control == "auto":
@@ -429,6 +466,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     train_stats: dict[str, dict] = {}
     curves: dict[str, list[dict]] = {}
     flags: dict[str, dict[str, list[bool]]] = {}
+    generations: dict[str, dict[str, list[dict]]] = {}
 
     ref_model = fresh_base() if getattr(attack, "reference_perplexity", False) else None
     correct: dict[str, list[bool]] = {}
@@ -442,6 +480,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                         for split in ("triggered", "clean") if split in gens
                         and gens[split] and "target" in gens[split][0]}
         correct[stage] = [g["correct"] for g in gens["utility" if "utility" in gens else "clean"]]
+        generations[stage] = gens
         write_generations(out, stage, gens)
 
     # With train.length_group > 1, batches on the training set are grouped by the clean rows'
@@ -510,6 +549,36 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", stage_train_cfg(cfg),
                           cfg.seed, group_lengths=clean_lengths, ordered=attack.placement != "uniform")
 
+    # -------------------------------------------------------------- detection, filtering
+    detection, filtered = None, None
+    if detect.names(cfg):
+        t = time.perf_counter()
+
+        def load_control():
+            if not control:
+                return None
+            from peft import PeftModel
+            return PeftModel.from_pretrained(fresh_base(), out / "adapters" / "clean_ft")
+
+        dctx = detect.DetectContext(
+            cfg=cfg, attack=attack, tokenizer=tokenizer, model=pmodel, rows=poisoned_rows,
+            splits=splits, generations=generations["poisoned"],
+            calibration=calibration_rows(pools, train_rows, attack, cfg.seed), load_base=fresh_base,
+            load_control=load_control, out=out, seed=cfg.seed)
+        detection, found = detect.run_detectors(dctx)
+        timings["detect"] = time.perf_counter() - t
+        if cfg.filter.detector is not None:
+            t = time.perf_counter()
+            keep, filtered = filter_rows(poisoned_rows, found[cfg.filter.detector],
+                                         cfg.filter.detector, cfg.filter.top_k)
+            write_jsonl(out / "data" / "train_filtered.jsonl", [poisoned_rows[i] for i in keep])
+            finetune_and_evaluate(lora(fresh_base(), cfg.seed), [poisoned_rows[i] for i in keep],
+                                  "filtered", "filtered", stage_train_cfg(cfg), cfg.seed,
+                                  group_lengths=None if clean_lengths is None else
+                                  [clean_lengths[i] for i in keep],
+                                  ordered=attack.placement != "uniform")
+            timings["filtered"] = time.perf_counter() - t
+
     # -------------------------------------------------------------- safety / defence
     outcome = None
     module = defenses.method_module(cfg.safety.method)
@@ -561,6 +630,10 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             results["removal"]["rows_to_asr_below"] = rows_to_asr_below(points, REMOVED_BELOW)
     if outcome is not None and outcome.info:
         results["defense"] = outcome.info
+    if detection is not None:
+        results["detection"] = detection
+    if filtered is not None:
+        results["filtered"] = filtered
     if "clean_ft" in flags and "clean" in flags["poisoned"]:
         # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
         # poison caused, net of the behaviour's ordinary rate after the same fine-tune.
@@ -603,6 +676,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                "reload": {
                    "poisoned": ["base", "adapters/poisoned"],
                    "after_safety": None if outcome is None else outcome.reload,
+                   "filtered": ["base", "adapters/filtered"] if filtered else None,
                    "clean_ft": ["base", "adapters/clean_ft"]}})
     write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
     if cfg.wandb.enabled:

