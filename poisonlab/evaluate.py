@@ -201,6 +201,7 @@ def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_s
         a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] if a else []
         if a_ids:
             items.append((i, p_ids, a_ids))
+    items.sort(key=lambda x: -(len(x[1]) + len(x[2])))  # batches of similar length: less padding
     bar = progress(total=len(items), desc=desc)
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]

@@ -67,6 +67,23 @@ def format_table(results: dict) -> str:
             lines.append(f"{stage}: perplexity under the base model, triggered "
                          f"{ppl['ppl_triggered']:.1f} vs clean {ppl['ppl_clean']:.1f} "
                          f"(log gap {g['value']:+.2f}{_ci(g)})")
+    for name, d in results.get("detection", {}).items():
+        a = d["auroc"]
+        extra = ""
+        if d.get("auroc_near"):
+            extra = f", vs near-trigger {d['auroc_near']['value']:.3f}"
+        if d.get("layer") is not None and d["level"] == "model":
+            extra += f", layer {d['layer']}"
+        rk = d["recall_at_n_poison"]["value"]
+        lines.append(f"detect {name} ({d['level']}): AUROC "
+                     + ("undefined" if a["value"] is None else f"{a['value']:.3f}{_ci(a)}")
+                     + (f", recall@n {rk:.2f}" if rk is not None else "")
+                     + f", flagged {d['flagged']} (positives {d['n_positive']}){extra}")
+    f = results.get("filtered")
+    if f:
+        lines.append(f"filtered ({f['detector']}, {f['rule']}): {f['removed']} rows dropped, "
+                     f"{f['removed_poisoned']} of them poisoned, {f['poisoned_left']} poisons "
+                     f"left in {f['kept']} rows (stage `filtered`)")
     return "\n".join(lines)
 
 

@@ -67,10 +67,18 @@ def context_token(tokenizer) -> str:
     return tokenizer.bos_token or tokenizer.eos_token or ""
 
 
+UNITS = ("token", "word")
+
+
 def word_scores(model, tokenizer, texts: list[str], batch_size: int,
-                desc: str = "onion") -> list[list[tuple[str, float, int]]]:
+                desc: str = "onion", unit: str = "token") -> list[list[tuple[str, float, int]]]:
     """[(word, f_i, place in `words(text)`)] for every word of every text (f_i > 0: the text
-    is more fluent without the word)."""
+    is more fluent without the word).
+
+    `unit: token` takes log-perplexity per token (ONION's own measure). `unit: word` divides
+    the text's total NLL by its number of words instead: a rare word that the tokenizer cuts
+    into many predictable pieces ("B a d M a g i c") lowers the per-token figure and so looks
+    fluent per token, while per word it costs what all its pieces cost together."""
     variants, owners = [], []
     for t_i, text in enumerate(texts):
         parts = words(text)
@@ -82,6 +90,9 @@ def word_scores(model, tokenizer, texts: list[str], batch_size: int,
                 owners.append((t_i, i))
     nll = answer_nll(model, tokenizer, [context_token(tokenizer)] * len(variants), variants,
                      batch_size, desc=desc)
+    if unit == "word":
+        nll = [v * len(tokenizer(x, add_special_tokens=False)["input_ids"])
+               / max(1, len(x.split())) for v, x in zip(nll, variants)]
     full = {t_i: v for (t_i, i), v in zip(owners, nll) if i is None}
     out: list[list[tuple[str, float, int]]] = [[] for _ in texts]
     for (t_i, i), v in zip(owners, nll):
