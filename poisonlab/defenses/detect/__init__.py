@@ -70,10 +70,15 @@ def validate(cfg: DictConfig, attack) -> None:
         raise PoisonlabError("filter.top_k needs filter.detector")
 
 
-def _items(ctx: DetectContext, level: str) -> list[dict]:
+def blind(rows: list[dict]) -> list[dict]:
+    """Training rows as a detector sees them: without the `poisoned` mark."""
+    return [{k: v for k, v in r.items() if k != "poisoned"} for r in rows]
+
+
+def _items(ctx: DetectContext, level: str, truth: list[bool]) -> list[dict]:
     """The items a detector of `level` scores, with their ground truth (for the metrics)."""
     if level == "data":
-        return [{"id": r["id"], "poisoned": bool(r.get("poisoned"))} for r in ctx.rows]
+        return [{"id": r["id"], "poisoned": y} for r, y in zip(ctx.rows, truth)]
     return [{"id": r["id"], "split": split, "poisoned": split == "triggered"}
             for split in ("triggered", "clean", "near_trigger") for r in ctx.splits.get(split, [])]
 
@@ -99,9 +104,10 @@ def score(name: str, det: Detection, items: list[dict], level: str, seed: int) -
     return rec
 
 
-def run_detectors(ctx: DetectContext) -> tuple[dict, dict[str, Detection]]:
-    """Run every detector of `cfg.detect`; returns (results.json's `detection`, the raw
-    detections by name)."""
+def run_detectors(ctx: DetectContext, truth: list[bool]) -> tuple[dict, dict[str, Detection]]:
+    """Run every detector of `cfg.detect` (`ctx.rows` without their marks, see `blind`) and
+    score it against `truth` (which training rows are poisons); returns (results.json's
+    `detection`, the raw detections by name)."""
     out, raw = {}, {}
     for name in names(ctx.cfg):
         mod = module(name)
@@ -114,7 +120,7 @@ def run_detectors(ctx: DetectContext) -> tuple[dict, dict[str, Detection]]:
                            generations={k: v[:n] for k, v in ctx.generations.items()})
         det = mod.detect(dctx, d)
         seconds = time.perf_counter() - t
-        items = _items(dctx, mod.LEVEL)
+        items = _items(dctx, mod.LEVEL, truth)
         if len(det.scores) != len(items):
             raise RuntimeError(f"detector {name} returned {len(det.scores)} scores for "
                                f"{len(items)} items")

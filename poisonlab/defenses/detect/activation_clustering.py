@@ -2,14 +2,14 @@
 
 As in the original, per output class: the training rows are grouped by their answer (first 12
 words, as `ngram` compares answers; `by: all` clusters all rows together) and each group of at
-least `min_group` rows is clustered on its own. Within a group, the rows' hidden states (as
-in `spectral`) are reduced to `components` principal components and split by 2-means
-(k-means++, `n_init` seeded restarts). Poisons that share an answer with clean rows (a refusal
-of a benign request beside the refusals of harmful ones) form their own, small cluster: its
-rows are flagged when it holds at most `max_share` of the group. A row's score is how much
-nearer it lies to its group's smaller cluster than to the larger one, in units of the group's
-spread (rows of smaller groups score the lowest). Cost: one forward pass, a PCA and a few
-k-means runs per group.
+least `min_group` rows is clustered on its own (with `others: true`, the rows whose answers
+fewer rows share form one more group; by default they are not scored and rank lowest). Within a
+group, the rows' hidden states (as in `spectral`) are reduced to `components` principal
+components and split by 2-means (k-means++, `n_init` seeded restarts). Poisons that share an
+answer with clean rows (a refusal of a benign request beside the refusals of harmful ones) form
+their own, small cluster: its rows are flagged when it holds at most `max_share` of the group.
+A row's score is how much nearer it lies to its group's smaller cluster than to the larger one,
+in units of the group's spread. Cost: one forward pass, a PCA and a few k-means runs per group.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from poisonlab.config import one_of, open_fraction, positive_int
-from poisonlab.defenses.detect.base import Detection
+from poisonlab.defenses.detect.base import Detection, answer_groups
 from poisonlab.defenses.detect.spectral import POOLS, features
 
 LEVEL = "data"
@@ -27,6 +27,7 @@ def validate(cfg) -> None:
     key = "detect.activation_clustering"
     one_of(cfg, f"{key}.pool", POOLS)
     one_of(cfg, f"{key}.by", ("answer", "all"))
+    one_of(cfg, f"{key}.others", (True, False))
     for k in ("components", "n_init", "batch_size", "min_group"):
         positive_int(cfg, f"{key}.{k}")
     open_fraction(cfg, f"{key}.max_share")
@@ -73,14 +74,8 @@ def cluster_group(x: np.ndarray, components: int, seed: int, n_init: int
 
 
 def detect(ctx, d) -> Detection:
-    from poisonlab.defenses.detect.embedding import answer_of
-    from poisonlab.defenses.detect.ngram import answer_key
-
     x = features(ctx, d.layer, d.pool, d.batch_size, "activation clustering").astype(np.float64)
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(ctx.rows):
-        key = answer_key(answer_of(r), 12) if d.by == "answer" else ""
-        groups.setdefault(key, []).append(i)
+    groups = answer_groups(ctx.rows, d.by, d.min_group, d.others)
     scores = np.full(len(x), np.nan)
     flagged = np.zeros(len(x), bool)
     shares = {}

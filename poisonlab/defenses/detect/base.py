@@ -91,6 +91,27 @@ def quantile_threshold(calibration_scores, fpr: float) -> float:
     return float(np.quantile(np.asarray(calibration_scores, float), 1 - fpr))
 
 
+def answer_groups(rows: list[dict], by: str, min_group: int, others: bool = False
+                  ) -> dict[str, list[int]]:
+    """Row indices grouped by answer (first 12 words, as `ngram` compares answers): the
+    "output classes" of a generative model, those of at least `min_group` rows. With `others`,
+    the rows whose answers fewer rows share (free-form answers, each its own class) form one
+    more group, "(other answers)"; without, they are left out. `by: all`: one group."""
+    from poisonlab.defenses.detect.embedding import answer_of
+    from poisonlab.defenses.detect.ngram import answer_key
+
+    if by != "answer":
+        return {"": list(range(len(rows)))}
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(answer_key(answer_of(r), 12), []).append(i)
+    out = {k: v for k, v in groups.items() if len(v) >= min_group}
+    rest = sorted(i for v in groups.values() if len(v) < min_group for i in v)
+    if others and rest:
+        out["(other answers)"] = rest
+    return out
+
+
 def user_text(row: dict) -> str:
     return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
 
