@@ -12,7 +12,7 @@ import numpy as np
 
 from poisonlab.config import positive_int, positive_number
 from poisonlab.defenses.detect.base import Detection, above_z, forward_rows
-from poisonlab.defenses.detect.tracing import query_rows
+from poisonlab.defenses.detect.tracing import nothing_to_trace, query_rows
 
 LEVEL = "data"
 
@@ -34,8 +34,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def detect(ctx, d) -> Detection:
     queries = query_rows(ctx, d.n_queries)
     if not queries:
-        zeros = [0.0] * len(ctx.rows)
-        return Detection(zeros, [False] * len(zeros), info={"queries": 0})
+        return nothing_to_trace(len(ctx.rows))
     max_len = ctx.cfg.train.max_seq_len
 
     def reps(rows, desc):

@@ -15,7 +15,7 @@ import torch
 from poisonlab.chat import encode_example
 from poisonlab.config import positive_int, positive_number
 from poisonlab.defenses.detect.base import Detection, above_z
-from poisonlab.defenses.detect.tracing import query_rows
+from poisonlab.defenses.detect.tracing import nothing_to_trace, query_rows
 from poisonlab.train import collate, completion_loss
 from poisonlab.utils import progress
 
@@ -44,8 +44,7 @@ def gradients(model, tokenizer, rows: list[dict], max_len: int, desc: str):
 def detect(ctx, d) -> Detection:
     queries = query_rows(ctx, d.n_queries)
     if not queries:
-        zeros = [0.0] * len(ctx.rows)
-        return Detection(zeros, [False] * len(zeros), info={"queries": 0})
+        return nothing_to_trace(len(ctx.rows))
     max_len = ctx.cfg.train.max_seq_len
     q = torch.stack(list(gradients(ctx.model, ctx.tokenizer, queries, max_len,
                                    "tracin/queries"))).mean(0)

@@ -21,3 +21,10 @@ def query_rows(ctx, n_queries: int) -> list[dict]:
         if len(out) == n_queries:
             break
     return out
+
+
+def nothing_to_trace(n_rows: int):
+    """Every row scores 0 and none is flagged: the poisoned model never showed the target."""
+    from poisonlab.defenses.detect.base import Detection
+
+    return Detection([0.0] * n_rows, [False] * n_rows, info={"queries": 0})
