@@ -6,7 +6,7 @@ takes any local BERT-style sentence encoder), mean pooling, unit length. A row's
 1 - cos(its answer, the mean answer of the `k` rows with the most similar prompts): a poison
 answers an ordinary prompt unlike the ordinary rows around it. Needs no fine-tuned model, so
 `poisonlab scan` runs it too. Flags: robust z-score above `z`. Cost: two encoder passes
-(about 1,000 rows/s on 2 CPU cores) and an N x N similarity matrix, in blocks.
+(about 4 s per 1,000 rows on 2 CPU cores) and an N x N similarity matrix, in blocks.
 """
 
 from __future__ import annotations
