@@ -482,6 +482,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         correct[stage] = [g["correct"] for g in gens["utility" if "utility" in gens else "clean"]]
         generations[stage] = gens
         write_generations(out, stage, gens)
+        log.info("stage %s: evaluated: %s", stage, figures(metrics))
 
     # With train.length_group > 1, batches on the training set are grouped by the clean rows'
     # lengths, so the poisoned and the control run see batches of the same composition.
@@ -496,6 +497,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         (or, with `weights`, the whole model as safetensors); with `every`, a persistence
         curve. Returns the training stats (also in results `train.<stage>`)."""
         callback = None
+        log.info("stage %s: training on %d rows", stage, len(rows))
         if every:
             n = cfg.safety.curve_n_prompts
             subset = {k: v[:n] for k, v in splits.items()}
@@ -513,6 +515,10 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                                     group_lengths=group_lengths, ordered=ordered, every=every,
                                     callback=callback, objective=objective)
         train_stats[stage] = _stats_dict(st)
+        log.info("stage %s: trained %d steps (%d examples), final loss %s, %.0f tokens/s, %.1f s",
+                 stage, st.steps, st.examples,
+                 "n/a" if st.final_loss is None else f"{st.final_loss:.4f}",
+                 st.tokens_per_second, st.seconds)
         if st.truncated_rows:
             log.warning("%s: %d training rows cut at train.max_seq_len=%d", stage,
                         st.truncated_rows, train_cfg.max_seq_len)
@@ -529,13 +535,17 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         record(stage, *evaluate_stage(peft_model, tokenizer, splits, judge_of(attack), cfg.eval,
                                       stage))
         timings[stage] = time.perf_counter() - t
+        log.info("stage %s: done in %.1f s", stage, timings[stage])
 
     t = time.perf_counter()
+    log.info("stage base: evaluating %s", cfg.model.name_or_path)
     model = fresh_base()
     base_identity = models.weights_identity(base_path)
     record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_identity, device,
                                   dtype, cache))
     timings["base"] = time.perf_counter() - t
+    log.info("stage base: done in %.1f s (%s)", timings["base"],
+             "cached answers" if "base_eval" in cache["reused"] else "generated")
 
     # -------------------------------------------------------------- control: clean fine-tune
     if control:
@@ -566,9 +576,11 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             splits=splits, generations=generations["poisoned"],
             calibration=calibration_rows(pools, train_rows, attack, cfg.seed), load_base=fresh_base,
             load_control=load_control, out=out, seed=cfg.seed)
+        log.info("stage detect: %s", ", ".join(detect.names(cfg)))
         detection, found = detect.run_detectors(
             dctx, [bool(r.get("poisoned")) for r in poisoned_rows])
         timings["detect"] = time.perf_counter() - t
+        log.info("stage detect: done in %.1f s", timings["detect"])
         if cfg.filter.detector is not None:
             t = time.perf_counter()
             keep, filtered = filter_rows(poisoned_rows, found[cfg.filter.detector],
@@ -610,11 +622,14 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                       load_base=fresh_base, train=safety_train,
                       evaluate=safety_evaluate, judge=judge_of(attack))
         n_warnings = len(warnings)
+        log.info("stage after_safety: defence %s", cfg.safety.method)
         outcome = module.apply(ctx)
         for w in warnings[n_warnings:]:
             log.warning(w)
             print(f"poisonlab: warning: {w}", file=sys.stderr)
         timings["after_safety"] = time.perf_counter() - t
+        log.info("stage after_safety: done in %.1f s (the defence itself %.1f s)",
+                 timings["after_safety"], outcome.seconds)
     mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None
 
     # -------------------------------------------------------------- results
@@ -661,6 +676,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     results["warnings"] = warnings
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = timings
+    log.info("run %s: finished in %.1f s; outputs in %s", cfg.name, timings["total"], out)
     write_json(out / "results.json", results)
     write_manifest(
         out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
@@ -686,6 +702,13 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     print(format_table(results))
     print(f"outputs: {out}")
     return results
+
+
+def figures(metrics: dict) -> str:
+    """A stage's key rates for its log line: 'ASR 0.950, FTR clean 0.010, ...'."""
+    return ", ".join(f"{label} {metrics[k]['value']:.3f}" for k, label in
+                     (("asr", "ASR"), ("ftr_clean", "FTR clean"), ("ftr_near", "FTR near"),
+                      ("clean_utility", "utility")) if k in metrics) or "no rates"
 
 
 def _stats_dict(st) -> dict:
@@ -716,9 +739,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except PoisonlabError as e:
+        log.error("run refused: %s", e)  # into the run's log file too (Hydra's handler)
         _remove_if_empty_run_dir(cfg)
         print(f"poisonlab: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        log.exception("run failed")
+        raise
 
 
 def _remove_if_empty_run_dir(cfg) -> None:

@@ -158,3 +158,26 @@ def test_console_script_finds_its_config_from_any_directory(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == "poisonlab: error: attack.poison_rate must be in (0, 1], got 2"
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.json"))
+
+
+def test_each_stage_logs_its_start_end_and_figures(tmp_path, caplog, micro_path):
+    """One log line per stage start and end with its figures and seconds (Hydra writes the
+    `poisonlab` loggers to the run's log file), so an unattended run is not silent."""
+    import logging
+    import re
+
+    from poisonlab.run import run
+
+    caplog.set_level(logging.INFO, logger="poisonlab")
+    run(make_cfg("debug=default", "data.n_train=100", "train.epochs=1", "eval.n_prompts=8",
+                 "safety.n_rows=16", "control=true", "detect=[ngram]"), out_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("poisonlab")]
+    for stage in ("base", "clean_ft", "poisoned", "after_safety"):
+        assert any(m.startswith(f"stage {stage}: evaluated: ") and "utility" in m
+                   for m in lines), stage
+        assert any(re.match(rf"stage {stage}: done in \d+\.\d s\b", m) for m in lines), stage
+    for stage in ("clean_ft", "poisoned", "after_safety"):
+        assert any(m.startswith(f"stage {stage}: trained ") and "tokens/s" in m for m in lines)
+    assert any(m.startswith("stage poisoned: evaluated: ASR ") for m in lines)
+    assert any(m.startswith("stage detect: done in ") for m in lines)
+    assert any(m.startswith("run ") and "finished in" in m for m in lines)
