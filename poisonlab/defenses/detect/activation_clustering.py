@@ -74,7 +74,7 @@ def cluster_group(x: np.ndarray, components: int, seed: int, n_init: int
 
 
 def detect(ctx, d) -> Detection:
-    x = features(ctx, d.layer, d.pool, d.batch_size, "activation clustering").astype(np.float64)
+    x = features(ctx, d.layer, d.pool, d.batch_size).astype(np.float64)
     groups = answer_groups(ctx.rows, d.by, d.min_group, d.others)
     scores = np.full(len(x), np.nan)
     flagged = np.zeros(len(x), bool)

@@ -51,19 +51,31 @@ class DetectContext:
     load_control: Callable          # the `clean_ft` model, or None when the run has none
     out: Path
     seed: int
-    _models: dict = field(default_factory=dict)  # shared by copies (dataclasses.replace)
+    _cache: dict = field(default_factory=dict)  # shared by copies (dataclasses.replace)
 
     def base(self):
         """The clean base model, loaded once and shared by the detectors."""
-        if "base" not in self._models:
-            self._models["base"] = self.load_base()
-        return self._models["base"]
+        if "base" not in self._cache:
+            self._cache["base"] = self.load_base()
+        return self._cache["base"]
 
     def control(self):
         """The `clean_ft` model (None when the run has no control), loaded once."""
-        if "control" not in self._models:
-            self._models["control"] = self.load_control()
-        return self._models["control"]
+        if "control" not in self._cache:
+            self._cache["control"] = self.load_control()
+        return self._cache["control"]
+
+    def row_features(self, which: str, layer: int, batch_size: int) -> dict:
+        """`forward_rows` over the training rows on the `poisoned` or `base` model at `layer`,
+        computed once and shared by the detectors that read it (loss, spectral, activation
+        clustering, repsim); the first caller's batch size is used."""
+        key = ("rows", which, layer)
+        if key not in self._cache:
+            model = self.model if which == "poisoned" else self.base()
+            self._cache[key] = forward_rows(model, self.tokenizer, self.rows,
+                                            self.cfg.train.max_seq_len, batch_size,
+                                            layers=(layer,), desc=f"features/{which}")
+        return self._cache[key]
 
     def prompts(self) -> list[dict]:
         """The evaluation prompts an inference-level detector scores, in the order of its

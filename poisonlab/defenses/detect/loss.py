@@ -10,7 +10,7 @@ Cost: one forward pass over the training rows per model.
 from __future__ import annotations
 
 from poisonlab.config import one_of, positive_int, positive_number
-from poisonlab.defenses.detect.base import Detection, above_z, forward_rows
+from poisonlab.defenses.detect.base import Detection, above_z
 
 LEVEL = "data"
 SCORES = ("drop", "base")
@@ -23,14 +23,10 @@ def validate(cfg) -> None:
 
 
 def detect(ctx, d) -> Detection:
-    max_len = ctx.cfg.train.max_seq_len
-    base = forward_rows(ctx.base(), ctx.tokenizer, ctx.rows, max_len, d.batch_size, layers=(),
-                        desc="loss/base")["loss"]
+    base = ctx.row_features("base", -1, d.batch_size)["loss"]
     if d.score == "base":
         scores = base
     else:
-        after = forward_rows(ctx.model, ctx.tokenizer, ctx.rows, max_len, d.batch_size,
-                             layers=(), desc="loss/poisoned")["loss"]
-        scores = base - after
+        scores = base - ctx.row_features("poisoned", -1, d.batch_size)["loss"]
     scores = [float(v) if v == v else 0.0 for v in scores]
     return Detection(scores, above_z(scores, d.z), info={"score": d.score})

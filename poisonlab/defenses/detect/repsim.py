@@ -37,12 +37,10 @@ def detect(ctx, d) -> Detection:
         return nothing_to_trace(len(ctx.rows))
     max_len = ctx.cfg.train.max_seq_len
 
-    def reps(rows, desc):
-        f = forward_rows(ctx.model, ctx.tokenizer, rows, max_len, d.batch_size,
-                         layers=(d.layer,), desc=desc)
-        return _unit(f["answer"][d.layer].astype(np.float64))
-
-    q = _unit(reps(queries, "repsim/queries").mean(0))
-    scores = [float(v) for v in reps(ctx.rows, "repsim/rows") @ q]
+    q = forward_rows(ctx.model, ctx.tokenizer, queries, max_len, d.batch_size,
+                     layers=(d.layer,), desc="repsim/queries")["answer"][d.layer]
+    q = _unit(_unit(q.astype(np.float64)).mean(0))
+    rows = ctx.row_features("poisoned", d.layer, d.batch_size)["answer"][d.layer]
+    scores = [float(v) for v in _unit(rows.astype(np.float64)) @ q]
     return Detection(scores, above_z(scores, d.z), info={"queries": len(queries),
                                                          "layer": d.layer})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from poisonlab.config import one_of, positive_int, positive_number
-from poisonlab.defenses.detect.base import Detection, above_z, answer_groups, forward_rows
+from poisonlab.defenses.detect.base import Detection, above_z, answer_groups
 
 LEVEL = "data"
 POOLS = ("answer", "prompt")
@@ -37,10 +37,9 @@ def validate(cfg) -> None:
         raise PoisonlabError(f"detect.spectral.layer must be an integer, got {layer!r}")
 
 
-def features(ctx, layer: int, pool: str, batch_size: int, desc: str) -> np.ndarray:
-    f = forward_rows(ctx.model, ctx.tokenizer, ctx.rows, ctx.cfg.train.max_seq_len, batch_size,
-                     layers=(layer,), desc=desc)
-    return f[pool][layer]
+def features(ctx, layer: int, pool: str, batch_size: int) -> np.ndarray:
+    """The poisoned model's row representations (shared with the other detectors)."""
+    return ctx.row_features("poisoned", layer, batch_size)[pool][layer]
 
 
 def spectral_scores(x: np.ndarray, k: int) -> np.ndarray:
@@ -50,7 +49,7 @@ def spectral_scores(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def detect(ctx, d) -> Detection:
-    x = features(ctx, d.layer, d.pool, d.batch_size, "spectral").astype(np.float64)
+    x = features(ctx, d.layer, d.pool, d.batch_size).astype(np.float64)
     scores = np.zeros(len(x))
     groups = 0
     for idx in answer_groups(ctx.rows, d.by, d.min_group, d.others).values():
