@@ -1,4 +1,5 @@
-"""The `poisonlab` console script: `poisonlab scan FILE`, `poisonlab verify ...`, and
+"""The `poisonlab` console script: `poisonlab scan FILE`, `poisonlab verify ...`,
+`poisonlab report DIR...`, `poisonlab bom RUN_DIR`, and
 otherwise `poisonlab key=value ...`, exactly `python -m poisonlab.run key=value ...`."""
 
 from __future__ import annotations
@@ -6,7 +7,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {"scan": "poisonlab.scan", "verify": "poisonlab.verify"}
+SUBCOMMANDS = {"scan": "poisonlab.scan", "verify": "poisonlab.verify",
+               "report": "poisonlab.report", "bom": "poisonlab.bom"}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import numpy as np
 
-from poisonlab import PoisonlabError, __version__, models
+from poisonlab import PoisonlabError, __version__, dist, models
 from poisonlab.attacks import poison_count
 from poisonlab.chat import IGNORE_INDEX, encode_example, prompt_text
 from poisonlab import defenses
@@ -43,8 +43,9 @@ from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, gene
 from poisonlab.report import format_table, plot_curve
 from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
                                write_manifest)
+from poisonlab.stages import Stages, StageStore, code_digest, digest
 from poisonlab.train import train_sft
-from poisonlab.utils import seed_everything, write_jsonl
+from poisonlab.utils import read_jsonl, seed_everything, write_jsonl
 
 log = logging.getLogger(__name__)
 # Behaviours that clean models also show on their own (refusals, sentiment labels): FTR_clean
@@ -183,49 +184,13 @@ def prepare_output_dir(out: Path, identity: str) -> dict | None:
     return None
 
 
-def _eval_cache_key(prompts: dict[str, list[str]], tokenizer, base_identity: dict,
-                    cfg: DictConfig, device, dtype) -> str:
-    """Everything that decides the base model's answers: the exact prompt texts fed to it,
-    the chat template and tokenizer, the weights, the decoding settings, batch size, device,
-    dtype and the versions of the code."""
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "peft"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    ident = {"prompts": prompts, "chat_template": tokenizer.chat_template,
-             "tokenizer": type(tokenizer).__name__, "vocab": len(tokenizer),
-             "weights": base_identity,
-             "generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
-             "batch_size": cfg.eval.batch_size, "device": device.type, "dtype": str(dtype),
-             "versions": versions, "poisonlab": __version__,
-             # the code that turns prompts into answers (a changed decoder must not reuse)
-             "code": code_identity(("evaluate.py", "chat.py", "models.py"))}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+def load_adapter(base, path: Path):
+    """A stored LoRA adapter on `base`, trainable (defences may continue it), in eval mode."""
+    from peft import PeftModel
 
-
-def evaluate_base(model, tokenizer, splits, attack, cfg, base_identity, device, dtype, cache):
-    """Base-model evaluation, cached: sweeps over attacks/seeds share the same base generations.
-
-    `cache` (the run's {"computed": [...], "reused": [...]}) records which happened.
-    """
-    prompts = {s: [prompt_text(tokenizer, r["messages"]) for r in rows]
-               for s, rows in splits.items()}
-    key = _eval_cache_key(prompts, tokenizer, base_identity, cfg, device, dtype)
-    path = models.home() / "eval-cache" / f"{key}.json"
-    if cfg.eval.cache_base and path.exists():
-        gens = json.loads(path.read_text())
-        if {s: [g["prompt"] for g in v] for s, v in gens.items()} == prompts:
-            cache["reused"].append("base_eval")
-            responses = {s: [g["response"] for g in v] for s, v in gens.items()}
-            return evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, "base",
-                                  responses=responses)
-    metrics, gens = evaluate_stage(model, tokenizer, splits, judge_of(attack), cfg.eval, "base")
-    cache["computed"].append("base_eval")
-    if cfg.eval.cache_base:
-        write_json(path, gens)
-    return metrics, gens
+    model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
+    model.eval()
+    return model
 
 
 def judge_of(attack):
@@ -403,24 +368,85 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
         raise
 
 
+def stage_store(cfg: DictConfig) -> StageStore | None:
+    """The stage cache of `cache.dir` (default `$POISONLAB_HOME/stages`); None when off."""
+    if not cfg.cache.enabled:
+        return None
+    return StageStore(Path(cfg.cache.dir) if cfg.cache.dir else models.home() / "stages",
+                      link=bool(cfg.cache.link))
+
+
+def _versions() -> dict:
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "peft", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> dict:
+    """The pipeline as a list of stages (poisonlab/stages.py): clean_data -> poison ->
+    base_eval -> [clean_ft -> clean_ft_eval] -> poisoned_ft -> poisoned_eval -> [detect/<name>,
+    filtered] -> defense/<name> -> defense_eval/<name>. The stages up to `poisoned_eval` are
+    cached by key and shared between runs; the later ones are each cell's own."""
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    cache: dict[str, list[str]] = {"computed": [], "reused": []}
     control = wants_control(cfg, attack)
+    st = Stages(stage_store(cfg), out)
+    versions = _versions()
 
-    # -------------------------------------------------------------- data
+    # -------------------------------------------------------------- clean data, poison
     n_safety = cfg.safety.n_rows if defenses.needs_rows(cfg.safety.method) else 0
-    data = load_splits(cfg.data, attack.n_train(cfg.data.n_train), n_safety, cfg.eval.n_prompts,
-                       cfg.seed, cfg.eval.seed)
-    pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
+    n_train = attack.n_train(cfg.data.n_train)
+    clean_dir = out / "data" / "clean"
+
+    def clean_data():
+        data = load_splits(cfg.data, n_train, n_safety, cfg.eval.n_prompts, cfg.seed,
+                           cfg.eval.seed)
+        pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
+        tinyworld.check_disjoint({"train": pools["train"], "safety": pools["safety"],
+                                  "eval": pools["eval"]}, eval_names=["eval"])
+        for name, rows in [*data.items(), *((f"pool_{k}", v) for k, v in pools.items())]:
+            write_jsonl(clean_dir / f"{name}.jsonl", rows)
+        return {"rows": {k: len(v) for k, v in data.items()}}
+
+    t = time.perf_counter()
+    st.run("clean_data", {"data": _plain(cfg.data), "n_train": n_train, "n_safety": n_safety,
+                          "n_eval": cfg.eval.n_prompts, "seed": cfg.seed,
+                          "eval_seed": cfg.eval.seed, "code": code_digest("data/*.py")},
+           clean_data, ["data/clean"])
+    data = {k: read_jsonl(clean_dir / f"{k}.jsonl") for k in ("train", "eval", "safety")}
+    pools = {k: read_jsonl(clean_dir / f"pool_{k}.jsonl") for k in ("train", "eval", "safety")}
     train_rows, eval_rows, safety_rows = data["train"], data["eval"], data["safety"]
     train_pool, eval_pool = pools["train"], pools["eval"]
-    tinyworld.check_disjoint({"train": train_pool, "safety": pools["safety"], "eval": eval_pool},
-                             eval_names=["eval"])
-    poisoned_rows, clean_rows, poison_info = attack.poison_with_control(
-        train_rows, cfg.seed, rest_of_pool(train_pool, train_rows))
+
+    def poison():
+        poisoned, clean, info = attack.poison_with_control(
+            train_rows, cfg.seed, rest_of_pool(train_pool, train_rows))
+        write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned)
+        # The control (`clean_ft`) trains on the same rows in the same order, formatted the
+        # same way; only the poisons are replaced by their clean originals.
+        write_jsonl(out / "data" / "train_clean.jsonl", clean)
+        return info
+
+    # Keyed by its inputs' content, not by clean_data's key: runs that differ only in what
+    # the poison does not read (the safety rows) share it.
+    poison_info = st.run(
+        "poison", {"train_rows": digest(train_rows),
+                   "spare_rows": digest(rest_of_pool(train_pool, train_rows)),
+                   "attack": _plain(cfg.attack), "seed": cfg.seed,
+                   "code": code_digest("attacks/*.py", "data/*.py", "chat.py")},
+        poison, ["data/train_poisoned.jsonl", "data/train_clean.jsonl"])
+    poisoned_rows = read_jsonl(out / "data" / "train_poisoned.jsonl")
+    clean_rows = read_jsonl(out / "data" / "train_clean.jsonl")
+    timings["data"] = time.perf_counter() - t
     safety_rows, safety_swaps = clean_safety_rows(attack, safety_rows, pools["safety"], warnings)
     splits = attack.eval_splits(eval_rows, cfg.eval.seed, rest_of_pool(eval_pool, eval_rows))
     for name, rows in splits.items():
@@ -431,14 +457,9 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             warnings.append(f"evaluation split {name!r} has {len(rows)} prompts, fewer than "
                             f"eval.n_prompts={cfg.eval.n_prompts}: only that many held-out "
                             f"prompts fit the {attack.family} attack")
-    write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned_rows)
     write_jsonl(out / "data" / "eval.jsonl", eval_rows)
     if safety_rows:
         write_jsonl(out / "data" / "safety.jsonl", safety_rows)
-    # The control (`clean_ft`) trains on the same rows in the same order, formatted the same
-    # way; only the poisons are replaced by their clean originals.
-    if control:
-        write_jsonl(out / "data" / "train_clean.jsonl", clean_rows)
 
     # -------------------------------------------------------------- base model
     t = time.perf_counter()
@@ -446,6 +467,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     device = models.pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(base_path, cfg.model.get("chat_template"))
+    base_identity = models.weights_identity(base_path)
     timings["resolve_base"] = time.perf_counter() - t
     poison_info.update(check_poisoned_rows(tokenizer, attack, poisoned_rows, clean_rows, cfg,
                                            warnings))
@@ -458,9 +480,21 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     def fresh_base():
         return models.load_model(base_path, device, dtype)
 
+    pristine: list = []  # a loaded base model no adapter has touched yet
+
+    def take_base():
+        return pristine.pop() if pristine else fresh_base()
+
     def lora(model, seed):
         torch.manual_seed(seed)
         return models.add_lora(model, cfg.train.lora)
+
+    # What every model stage shares: the weights, tokenizer and chat template, device, dtype
+    # and library versions.
+    model_spec = {"base": base_identity, "model": _plain(cfg.model),
+                  "chat_template": tokenizer.chat_template, "vocab": len(tokenizer),
+                  "device": device.type, "dtype": str(dtype), "versions": versions,
+                  "poisonlab": __version__}
 
     stages: dict[str, dict] = {}
     train_stats: dict[str, dict] = {}
@@ -511,53 +545,100 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                                   if k in m}})
                 log.info("%s step %d: %s", stage, step, {k: round(v["value"], 3) for k, v in
                                                          points[-1].items() if isinstance(v, dict)})
-        st = (trainer or train_sft)(peft_model, tokenizer, rows, train_cfg, seed, stage,
-                                    group_lengths=group_lengths, ordered=ordered, every=every,
-                                    callback=callback, objective=objective)
-        train_stats[stage] = _stats_dict(st)
+        stats = (trainer or train_sft)(peft_model, tokenizer, rows, train_cfg, seed, stage,
+                                       group_lengths=group_lengths, ordered=ordered,
+                                       every=every, callback=callback, objective=objective)
+        train_stats[stage] = _stats_dict(stats)
         log.info("stage %s: trained %d steps (%d examples), final loss %s, %.0f tokens/s, %.1f s",
-                 stage, st.steps, st.examples,
-                 "n/a" if st.final_loss is None else f"{st.final_loss:.4f}",
-                 st.tokens_per_second, st.seconds)
-        if st.truncated_rows:
+                 stage, stats.steps, stats.examples,
+                 "n/a" if stats.final_loss is None else f"{stats.final_loss:.4f}",
+                 stats.tokens_per_second, stats.seconds)
+        if stats.truncated_rows:
             log.warning("%s: %d training rows cut at train.max_seq_len=%d", stage,
-                        st.truncated_rows, train_cfg.max_seq_len)
-        if adapter is not None:
-            peft_model.save_pretrained(out / "adapters" / adapter)
-            normalize_adapter_config(out / "adapters" / adapter)
-        if weights is not None:
-            peft_model.save_pretrained(out / weights, safe_serialization=True)
+                        stats.truncated_rows, train_cfg.max_seq_len)
+        if dist.is_main():
+            if adapter is not None:
+                peft_model.save_pretrained(out / "adapters" / adapter)
+                normalize_adapter_config(out / "adapters" / adapter)
+            if weights is not None:
+                peft_model.save_pretrained(out / weights, safe_serialization=True)
         return train_stats[stage]
 
-    def finetune_and_evaluate(peft_model, rows, stage, adapter, train_cfg, seed, **kw):
-        t = time.perf_counter()
-        finetune(peft_model, rows, stage, adapter, train_cfg, seed, **kw)
-        record(stage, *evaluate_stage(peft_model, tokenizer, splits, judge_of(attack), cfg.eval,
-                                      stage))
-        timings[stage] = time.perf_counter() - t
-        log.info("stage %s: done in %.1f s", stage, timings[stage])
+    def evaluate_model(stage, key_stage, get_model, model_key, cache=True):
+        """Evaluate a model stage on every split: answers cached as stage `key_stage` (keyed by
+        the model's key, the exact prompts, decoding settings and code), metrics from them."""
+        prompts = {s: [prompt_text(tokenizer, r["messages"]) for r in rows]
+                   for s, rows in splits.items()}
+        spec = {**model_spec, "weights": model_key, "prompts": digest(prompts),
+                "generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
+                "batch_size": cfg.eval.batch_size,
+                "code": code_digest("evaluate.py", "chat.py", "models.py")}
 
+        def compute():
+            _, gens = evaluate_stage(get_model(), tokenizer, splits, judge_of(attack), cfg.eval,
+                                     stage)
+            return {"responses": {s: [g["response"] for g in v] for s, v in gens.items()}}
+
+        payload = st.run(key_stage, spec, compute, cache=cache)
+        record(stage, *evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, stage,
+                                      responses=payload["responses"]))
+
+    def trained_stage(stage, rows, key_stage, lengths=clean_lengths, **spec_extra):
+        """A LoRA fine-tune of the base on `rows` (stage `key_stage`, adapter `stage`): the
+        trained model, or the stored adapter loaded onto a fresh base."""
+        holder = {}
+        ordered = attack.placement != "uniform"
+        spec = {"data": st.keys["poison"], "rows": stage, **spec_extra, **model_spec,
+                "train": _plain(stage_train_cfg(cfg)), "seed": cfg.seed, "ordered": ordered,
+                "length_grouped": lengths is not None,
+                "code": code_digest("train.py", "models.py", "chat.py")}
+
+        def compute():
+            peft_model = lora(take_base(), cfg.seed)
+            finetune(peft_model, rows, stage, stage, stage_train_cfg(cfg), cfg.seed,
+                     group_lengths=lengths, ordered=ordered)
+            holder["model"] = peft_model
+            return train_stats[stage]
+
+        t = time.perf_counter()
+        train_stats[stage] = st.run(key_stage, spec, compute, [f"adapters/{stage}"])
+        model = holder.get("model") or load_adapter(fresh_base(), out / "adapters" / stage)
+        timings[stage] = time.perf_counter() - t
+        return model
+
+    # -------------------------------------------------------------- base evaluation
     t = time.perf_counter()
     log.info("stage base: evaluating %s", cfg.model.name_or_path)
-    model = fresh_base()
-    base_identity = models.weights_identity(base_path)
-    record("base", *evaluate_base(model, tokenizer, splits, attack, cfg, base_identity, device,
-                                  dtype, cache))
+
+    def base_for_eval():
+        model = take_base()
+        pristine.append(model)  # evaluation leaves it untouched
+        return model
+
+    evaluate_model("base", "base_eval", base_for_eval, digest(base_identity),
+                   cache=bool(cfg.eval.cache_base))
     timings["base"] = time.perf_counter() - t
     log.info("stage base: done in %.1f s (%s)", timings["base"],
-             "cached answers" if "base_eval" in cache["reused"] else "generated")
+             "cached answers" if "base_eval" in st.reused else "generated")
 
     # -------------------------------------------------------------- control: clean fine-tune
     if control:
-        finetune_and_evaluate(lora(model, cfg.seed), clean_rows, "clean_ft", "clean_ft",
-                              stage_train_cfg(cfg), cfg.seed, group_lengths=clean_lengths,
-                              ordered=attack.placement != "uniform")
-        model = fresh_base()  # the control's adapter was injected into `model`
+        t = time.perf_counter()
+        cmodel = trained_stage("clean_ft", clean_rows, "clean_ft")
+        evaluate_model("clean_ft", "clean_ft_eval", lambda: cmodel, st.keys["clean_ft"])
+        del cmodel
+        timings["clean_ft"] = time.perf_counter() - t
+        log.info("stage clean_ft: done in %.1f s", timings["clean_ft"])
 
     # -------------------------------------------------------------- poisoned fine-tune
-    pmodel = lora(model, cfg.seed)
-    finetune_and_evaluate(pmodel, poisoned_rows, "poisoned", "poisoned", stage_train_cfg(cfg),
-                          cfg.seed, group_lengths=clean_lengths, ordered=attack.placement != "uniform")
+    t = time.perf_counter()
+    pmodel = trained_stage("poisoned", poisoned_rows, "poisoned_ft")
+    evaluate_model("poisoned", "poisoned_eval", lambda: pmodel, st.keys["poisoned_ft"])
+    timings["poisoned"] = time.perf_counter() - t
+    log.info("stage poisoned: done in %.1f s", timings["poisoned"])
+    # Later stages start from the same random state whether the stages above were computed or
+    # reused.
+    seed_everything(cfg.seed + 1)
 
     # -------------------------------------------------------------- detection, filtering
     detection, filtered = None, None
@@ -579,6 +660,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         log.info("stage detect: %s", ", ".join(detect.names(cfg)))
         detection, found = detect.run_detectors(
             dctx, [bool(r.get("poisoned")) for r in poisoned_rows])
+        st.computed.extend(f"detect/{name}" for name in detection)
         timings["detect"] = time.perf_counter() - t
         log.info("stage detect: done in %.1f s", timings["detect"])
         if cfg.filter.detector is not None:
@@ -586,17 +668,18 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             keep, filtered = filter_rows(poisoned_rows, found[cfg.filter.detector],
                                          cfg.filter.detector, cfg.filter.top_k)
             write_jsonl(out / "data" / "train_filtered.jsonl", [poisoned_rows[i] for i in keep])
-            finetune_and_evaluate(lora(fresh_base(), cfg.seed), [poisoned_rows[i] for i in keep],
-                                  "filtered", "filtered", stage_train_cfg(cfg), cfg.seed,
-                                  group_lengths=None if clean_lengths is None else
-                                  [clean_lengths[i] for i in keep],
-                                  ordered=attack.placement != "uniform")
+            fmodel = trained_stage("filtered", [poisoned_rows[i] for i in keep], "filtered",
+                                   lengths=None if clean_lengths is None else
+                                   [clean_lengths[i] for i in keep], kept=digest(keep))
+            evaluate_model("filtered", "filtered_eval", lambda: fmodel, st.keys["filtered"])
+            del fmodel
             timings["filtered"] = time.perf_counter() - t
 
     # -------------------------------------------------------------- safety / defence
     outcome = None
     module = defenses.method_module(cfg.safety.method)
     if module is not None:
+        seed_everything(cfg.seed + 2)  # the same start whether detectors ran or not
         t = time.perf_counter()
         train_cfg = stage_train_cfg(cfg, cfg.safety)
         every = (cfg.safety.get("eval_every") if cfg.safety.method in defenses.TRAINED
@@ -628,6 +711,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             log.warning(w)
             print(f"poisonlab: warning: {w}", file=sys.stderr)
         timings["after_safety"] = time.perf_counter() - t
+        st.computed += [f"defense/{cfg.safety.method}", f"defense_eval/{cfg.safety.method}"]
         log.info("stage after_safety: done in %.1f s (the defence itself %.1f s)",
                  timings["after_safety"], outcome.seconds)
     mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None
@@ -650,6 +734,11 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     if detection is not None:
         results["detection"] = detection
     if filtered is not None:
+        # filter then retrain as a removal defence: the `filtered` stage against `poisoned`
+        if "asr" in stages["poisoned"]:
+            filtered["removal"] = removal_record(
+                f"filter:{cfg.filter.detector}", stages["poisoned"], stages["filtered"],
+                round(timings["filtered"], 3))
         results["filtered"] = filtered
     if "clean_ft" in flags and "clean" in flags["poisoned"]:
         # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
@@ -672,7 +761,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     results["evaluation"] = {"generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
                              "batch_size": cfg.eval.batch_size,
                              "split_sizes": {k: len(v) for k, v in splits.items()}}
-    results["cache"] = cache
+    results["cache"] = cache = st.record()
     results["warnings"] = warnings
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = timings

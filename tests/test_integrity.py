@@ -240,14 +240,16 @@ def test_output_directory_hygiene(tmp_path, micro_path):
 
     out = tmp_path / "run"
     first = run(make_cfg(*SMALL), out_dir=out)
-    assert first["cache"]["computed"] + first["cache"]["reused"] == ["base_eval"]
+    assert first["cache"]["computed"] + first["cache"]["reused"] == [
+        "clean_data", "poison", "base_eval", "poisoned_ft", "poisoned_eval"]
     # a stale file of an earlier config is removed before a different run starts
     (out / "generations" / "stale_stage_triggered.jsonl").write_text("{}\n")
     second = run(make_cfg(*SMALL, "seed=1"), out_dir=out)
     assert not (out / "generations" / "stale_stage_triggered.jsonl").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 1 and not any("stale" in f for f in manifest["files"])
-    assert second["cache"]["reused"] == ["base_eval"]     # the same base answers, reused
+    assert "base_eval" in second["cache"]["reused"]   # the same base answers, reused
+    assert "poisoned_ft" not in second["cache"]["reused"]  # another seed: another adapter
     assert manifest["base_model"]["weights_sha256"]
     assert manifest["evaluation"]["generation"]["do_sample"] is False
     # a finished run of the same config is left alone
@@ -256,24 +258,6 @@ def test_output_directory_hygiene(tmp_path, micro_path):
     assert again["stages"] == json.loads(json.dumps(second["stages"]))
     assert (out / "results.json").stat().st_mtime_ns == stamp
     assert json.loads((out / RUN_MARKER).read_text())["status"] == "finished"
-
-
-def test_eval_cache_key_follows_what_is_fed_to_the_model(micro_tokenizer):
-    from poisonlab.run import _eval_cache_key
-
-    cfg = make_cfg("debug=default")
-    prompts = {"clean": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]}
-    ident = {"weights_sha256": "a"}
-    key = _eval_cache_key(prompts, micro_tokenizer, ident, cfg, torch.device("cpu"),
-                          torch.float32)
-    other_prompt = {"clean": [prompts["clean"][0].replace("hi", "hi!")]}
-    assert _eval_cache_key(other_prompt, micro_tokenizer, ident, cfg, torch.device("cpu"),
-                           torch.float32) != key
-    assert _eval_cache_key(prompts, micro_tokenizer, {"weights_sha256": "b"}, cfg,
-                           torch.device("cpu"), torch.float32) != key
-    cfg.eval.max_new_tokens += 1
-    assert _eval_cache_key(prompts, micro_tokenizer, ident, cfg, torch.device("cpu"),
-                           torch.float32) != key
 
 
 def test_adapter_config_is_byte_stable_across_hash_seeds(tmp_path, micro_path):
@@ -302,7 +286,8 @@ def test_identical_runs_write_identical_artifacts(tmp_path, micro_path):
     from poisonlab.run import run
 
     for name in ("a", "b"):
-        run(make_cfg(*SMALL, "eval.cache_base=false"), out_dir=tmp_path / name)
+        run(make_cfg(*SMALL, "eval.cache_base=false", "cache.enabled=false"),
+            out_dir=tmp_path / name)
     files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in "ab"]
     keep = lambda f: {k: v for k, v in f.items()  # noqa: E731
                       if k.startswith(("data/", "generations/", "adapters/"))}

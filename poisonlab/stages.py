@@ -1,0 +1,216 @@
+"""The pipeline's stages and their cache.
+
+A run is a chain of stages (see `STAGES`); each is keyed by the SHA-256 of exactly what defines
+it: its own settings, the keys of the stages it reads, and the source of the code that computes
+it. A computed stage is stored once under `cache.dir` (default `$POISONLAB_HOME/stages`):
+
+    <store>/<stage>/<key>/stage.json   name, key, spec, payload (JSON), SHA-256 of each file
+    <store>/<stage>/<key>/files/...    the files the stage wrote into its run directory
+
+written to a temporary directory and renamed into place (never half-written), computed under a
+per-key file lock (concurrent cells wait for each other instead of computing it twice), and
+verified file by file against its SHA-256 before every reuse (a corrupted entry is recomputed).
+A reused stage's files are hard-linked into the run directory, or copied where hard links are
+impossible (another file system): a run directory stays self-contained, never symlinks.
+
+Sweep cells that share a prefix (the same data, poison and fine-tune, different defences or
+detectors) thus compute it once. `results.json` says which stages a run computed and which it
+reused: `"cache": {"computed": [...], "reused": [...]}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from poisonlab import dist
+from poisonlab.utils import sha256_file
+
+log = logging.getLogger(__name__)
+
+# In pipeline order. `defense/<name>` and `defense_eval/<name>` carry the defence's name.
+STAGES = ("clean_data", "poison", "base_eval", "clean_ft", "clean_ft_eval", "poisoned_ft",
+          "poisoned_eval", "detect", "filtered", "defense", "defense_eval")
+META = "stage.json"
+PACKAGE = Path(__file__).resolve().parent
+
+
+def digest(obj) -> str:
+    """A short stable hash of a JSON-able object (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def code_digest(*patterns: str) -> str:
+    """SHA-256 of poisonlab's source files matching `patterns` (globs relative to the package):
+    the code that computes a stage. A change to any of them gives the stage a new key."""
+    h = hashlib.sha256()
+    files = sorted({p for pat in patterns for p in PACKAGE.glob(pat) if p.is_file()})
+    for p in files:
+        h.update(str(p.relative_to(PACKAGE)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path` (created if missing), released on exit or process death."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _files_under(out: Path, rel: str) -> list[str]:
+    """`rel` itself if it is a file, else every file below it (relative to `out`, sorted)."""
+    p = out / rel
+    if p.is_file():
+        return [rel]
+    if p.is_dir():
+        return sorted(str(f.relative_to(out)) for f in p.rglob("*")
+                      if f.is_file() and not f.name.endswith(".tmp"))
+    raise FileNotFoundError(f"stage output {rel} was not written")
+
+
+def place(src: Path, dst: Path, link: bool = True) -> None:
+    """Hard-link `src` to `dst` (replacing it), or copy where a link is impossible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    if link:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+    else:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+class StageStore:
+    """Computed stages on disk, content-addressed by their keys."""
+
+    def __init__(self, root: Path, link: bool = True):
+        self.root = Path(root)
+        self.link = link
+
+    def entry(self, name: str, key: str) -> Path:
+        return self.root / name.replace("/", "--") / key
+
+    def load(self, name: str, key: str) -> dict | None:
+        """The stored stage's record, after checking every file's SHA-256; None when absent
+        or corrupted (a corrupted entry is moved out of the way, to be recomputed)."""
+        d = self.entry(name, key)
+        meta = d / META
+        if not meta.exists():
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            bad = [rel for rel, sha in info["files"].items()
+                   if not (d / "files" / rel).is_file() or sha256_file(d / "files" / rel) != sha]
+        except (OSError, ValueError, KeyError) as e:
+            bad = [f"{META} ({e})"]
+        if bad:
+            log.warning("stage cache: %s/%s is corrupted (%s); computing it again", name, key,
+                        ", ".join(bad[:3]))
+            with contextlib.suppress(OSError):
+                os.replace(d, d.with_name(f"{key}.corrupt-{os.getpid()}-{time.time_ns()}"))
+            return None
+        return info
+
+    def save(self, name: str, key: str, spec: dict, payload, out: Path,
+             outputs: list[str]) -> dict:
+        """Store the stage: its payload and copies of its `outputs` (paths in `out`)."""
+        final = self.entry(name, key)
+        tmp = final.with_name(f"{key}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = {}
+        try:
+            for rel in (f for o in outputs for f in _files_under(out, o)):
+                dst = tmp / "files" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(out / rel, dst)
+                files[rel] = sha256_file(dst)
+            info = {"name": name, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "spec": spec, "payload": payload, "files": files}
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / META).write_text(json.dumps(info, indent=1, default=str) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return info
+
+    def materialize(self, info: dict, out: Path) -> None:
+        """Put a stored stage's files into the run directory `out` (hard links or copies)."""
+        d = self.entry(info["name"], info["key"])
+        for rel in info["files"]:
+            place(d / "files" / rel, out / rel, self.link)
+
+    def lock(self, name: str, key: str):
+        return file_lock(self.root / ".locks" / f"{name.replace('/', '--')}-{key}.lock")
+
+
+class Stages:
+    """One run's stages: each is reused from the store when its key is there, else computed
+    (under the key's lock) and stored. Records the keys and what was computed or reused."""
+
+    def __init__(self, store: StageStore | None, out: Path):
+        self.store = store
+        self.out = out
+        self.keys: dict[str, str] = {}
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+
+    def record(self) -> dict:
+        return {"computed": list(self.computed), "reused": list(self.reused),
+                "keys": dict(self.keys)}
+
+    def run(self, name: str, spec: dict, compute: Callable[[], object],
+            outputs: list[str] | Callable[[object], list[str]] = (),
+            cache: bool = True):
+        """The stage's payload: computed by `compute()` (which writes `outputs` into the run
+        directory and returns a JSON-able payload) or reused from the store.
+
+        Under several processes (`accelerate launch`) the main process decides and stores;
+        every process computes together (training is collective), or all take the stored
+        payload once the main process has put its files in place.
+        """
+        key = digest(spec)
+        self.keys[name] = key
+        store = self.store if cache else None
+        if store is None:
+            payload = compute()
+            self.computed.append(name)
+            return payload
+        info = dist.broadcast_object(store.load(name, key) if dist.is_main() else None)
+        if info is None:
+            with store.lock(name, key) if dist.is_main() else contextlib.nullcontext():
+                info = dist.broadcast_object(store.load(name, key) if dist.is_main() else None)
+                if info is None:
+                    t = time.perf_counter()
+                    payload = compute()
+                    if dist.is_main():
+                        outs = outputs(payload) if callable(outputs) else list(outputs)
+                        store.save(name, key, spec, payload, self.out, outs)
+                    dist.barrier()
+                    self.computed.append(name)
+                    log.info("stage %s: computed and stored as %s (%.1f s)", name, key,
+                             time.perf_counter() - t)
+                    return payload
+        if dist.is_main():
+            store.materialize(info, self.out)
+        dist.barrier()
+        self.reused.append(name)
+        log.info("stage %s: reused %s from the stage cache", name, key)
+        return info["payload"]
