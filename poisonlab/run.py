@@ -660,7 +660,8 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         log.info("stage detect: %s", ", ".join(detect.names(cfg)))
         detection, found = detect.run_detectors(
             dctx, [bool(r.get("poisoned")) for r in poisoned_rows])
-        st.computed.extend(f"detect/{name}" for name in detection)
+        for name, rec in detection.items():
+            st.note(f"detect/{name}", rec.get("seconds", 0.0))
         timings["detect"] = time.perf_counter() - t
         log.info("stage detect: done in %.1f s", timings["detect"])
         if cfg.filter.detector is not None:
@@ -711,7 +712,9 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             log.warning(w)
             print(f"poisonlab: warning: {w}", file=sys.stderr)
         timings["after_safety"] = time.perf_counter() - t
-        st.computed += [f"defense/{cfg.safety.method}", f"defense_eval/{cfg.safety.method}"]
+        # the defence itself, and the rest of the stage (its evaluation)
+        st.note(f"defense/{cfg.safety.method}", outcome.seconds)
+        st.note(f"defense_eval/{cfg.safety.method}", timings["after_safety"] - outcome.seconds)
         log.info("stage after_safety: done in %.1f s (the defence itself %.1f s)",
                  timings["after_safety"], outcome.seconds)
     mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None

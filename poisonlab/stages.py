@@ -171,10 +171,17 @@ class Stages:
         self.keys: dict[str, str] = {}
         self.computed: list[str] = []
         self.reused: list[str] = []
+        self.seconds: dict[str, float] = {}
 
     def record(self) -> dict:
         return {"computed": list(self.computed), "reused": list(self.reused),
-                "keys": dict(self.keys)}
+                "keys": dict(self.keys),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+    def note(self, name: str, seconds: float) -> None:
+        """A stage computed outside the store (a cell's own: detection, defence)."""
+        self.computed.append(name)
+        self.seconds[name] = seconds
 
     def run(self, name: str, spec: dict, compute: Callable[[], object],
             outputs: list[str] | Callable[[object], list[str]] = (),
@@ -189,9 +196,10 @@ class Stages:
         key = digest(spec)
         self.keys[name] = key
         store = self.store if cache else None
+        t = time.perf_counter()
         if store is None:
             payload = compute()
-            self.computed.append(name)
+            self.note(name, time.perf_counter() - t)
             return payload
         info = dist.broadcast_object(store.load(name, key) if dist.is_main() else None)
         if info is None:
@@ -204,7 +212,7 @@ class Stages:
                         outs = outputs(payload) if callable(outputs) else list(outputs)
                         store.save(name, key, spec, payload, self.out, outs)
                     dist.barrier()
-                    self.computed.append(name)
+                    self.note(name, time.perf_counter() - t)
                     log.info("stage %s: computed and stored as %s (%.1f s)", name, key,
                              time.perf_counter() - t)
                     return payload
@@ -212,5 +220,6 @@ class Stages:
             store.materialize(info, self.out)
         dist.barrier()
         self.reused.append(name)
+        self.seconds[name] = time.perf_counter() - t
         log.info("stage %s: reused %s from the stage cache", name, key)
         return info["payload"]
