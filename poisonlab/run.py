@@ -44,6 +44,7 @@ from poisonlab.report import format_table, plot_curve
 from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
                                write_manifest)
 from poisonlab.stages import Stages, StageStore, code_digest, digest
+from poisonlab.tracking import log_run
 from poisonlab.train import train_sft
 from poisonlab.utils import read_jsonl, seed_everything, write_jsonl
 
@@ -790,7 +791,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                    "clean_ft": ["base", "adapters/clean_ft"]}})
     write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
     if cfg.wandb.enabled:
-        _log_wandb(cfg, results)
+        log_run(cfg, results, out)
     print(format_table(results))
     print(f"outputs: {out}")
     return results
@@ -809,19 +810,6 @@ def _stats_dict(st) -> dict:
             "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
             "seconds": round(st.seconds, 3), "tokens_per_second": round(st.tokens_per_second, 1),
             "final_loss": st.final_loss, "losses": st.losses}
-
-
-def _log_wandb(cfg, results) -> None:
-    import wandb
-
-    run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, name=cfg.name,
-                     config=OmegaConf.to_container(cfg, resolve=True))
-    for stage, metrics in results["stages"].items():
-        run.log({f"{stage}/{k}": v["value"] for k, v in metrics.items()
-                 if isinstance(v, dict) and "value" in v})
-    if "persistence" in results:
-        run.summary["persistence"] = results["persistence"]["value"]
-    run.finish()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -64,7 +64,9 @@ def main() -> None:
     args = p.parse_args()
     names = (args.only.split(",") if args.only else
              sorted(x.stem for x in (ROOT / "conf" / "experiment").glob("*.yaml")
-                    if x.stem not in SKIP_BY_DEFAULT))
+                    if x.stem not in SKIP_BY_DEFAULT
+                    # sweep presets (hydra.mode: MULTIRUN) are grids, not one run
+                    and "mode: MULTIRUN" not in x.read_text()))
     parent = Path(args.out or ROOT / "runs" / "presets" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     rows = []
     for name in names:

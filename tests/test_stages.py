@@ -244,3 +244,34 @@ def test_benchmark_table_and_stage_accounting(tmp_path):
     assert df.set_index("defense").loc["ngram", "auroc"] == pytest.approx(0.7)
     assert acc == {"cells": 2, "computed": 5, "naive": 7, "unique": 5}
     assert "0.90 [0.80, 0.90]" in markdown(df, acc)
+
+
+def _grid(preset: str) -> list[list[str]]:
+    """Every cell of a sweep preset's grid (hydra.sweeper.params) as override lists."""
+    import itertools
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text())[
+        "hydra"]["sweeper"]["params"]
+    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+SWEEPS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+                if "mode: MULTIRUN" in p.read_text())
+
+
+@pytest.mark.parametrize("preset", SWEEPS)
+def test_every_cell_of_every_sweep_preset_validates(preset):
+    """A grid that holds a cell the pipeline refuses fails here, not hours into the sweep."""
+    from poisonlab.run import build_attack, validate
+
+    cells = _grid(preset)
+    assert len(cells) >= 2
+    for cell in cells:
+        cfg = make_cfg(f"experiment={preset}", *cell)
+        validate(cfg, build_attack(cfg.attack))
+        if any(c.startswith("arm=") for c in cell):
+            arm = next(c for c in cell if c.startswith("arm="))[4:]
+            assert (cfg.safety.method == arm) or arm in ("detectors", "filter"), cell
