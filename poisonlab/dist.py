@@ -3,8 +3,7 @@
 Under a launcher every process runs the whole pipeline. Training splits each micro-batch
 across the processes (`train.train_sft`); everything else is computed once, by the main
 process, and handed to the others (`main_computes`), and only the main process writes files.
-With one process every helper here is a no-op, so single-process runs never touch
-`torch.distributed`.
+With one process every helper here is a no-op and no process group is ever started.
 
 The process group is created lazily, on the first call that needs it, from the environment
 the launcher sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK): NCCL when CUDA is
@@ -69,6 +68,7 @@ def rank() -> int:
 
 
 def is_main() -> bool:
+    """True on the process that evaluates and writes (the only one without a launcher)."""
     return rank() == 0
 
 
@@ -120,7 +120,7 @@ def main_computes(fn):
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum `tensors` in place across the processes (one collective per dtype)."""
+    """Sum `tensors` in place across the processes (one collective per dtype and device)."""
     _flat_collective(tensors, tdist.all_reduce)
 
 

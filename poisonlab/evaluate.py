@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from poisonlab.chat import encode_text, end_of_turn_ids, prompt_text
+from poisonlab.dist import main_computes
 from poisonlab.judges import has_unterminated_scratchpad, score_utility
 from poisonlab.utils import progress
 
@@ -230,6 +231,7 @@ def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_s
 SPLIT_METRICS = {"triggered": "asr", "clean": "ftr_clean", "near_trigger": "ftr_near"}
 
 
+@main_computes
 def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_cfg,
                    stage: str, responses: dict[str, list] | None = None,
                    sampling: dict | None = None) -> tuple[dict, dict[str, list[dict]]]:
@@ -245,6 +247,9 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
     instead of one greedy answer: a prompt's `target` and `correct` are then the fractions of
     its samples, each metric is their mean over prompts, and its interval a bootstrap over
     prompts (`mean_bootstrap`).
+
+    Under several processes the main process evaluates and the others receive its metrics
+    and generations (`dist.main_computes`): every process must call it.
     """
     utility_split = "utility" if "utility" in splits else "clean"
     config = None

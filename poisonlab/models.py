@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from poisonlab import PoisonlabError
+from poisonlab.dist import main_computes
 from poisonlab.utils import sha256_file
 
 if TYPE_CHECKING:
@@ -346,8 +347,13 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@main_computes
 def _cached(key: str, build) -> Path:
-    """Return `$POISONLAB_HOME/models/<key>`, building it once (atomically, under a lock)."""
+    """Return `$POISONLAB_HOME/models/<key>`, building it once (atomically, under a lock).
+
+    Under several processes the main process builds (alone: building may train) and the
+    others get the path.
+    """
     root = home() / "models"
     final = root / key
     if (final / MARKER).exists():

@@ -11,6 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from poisonlab.dist import is_main, main_computes
 from poisonlab.utils import sha256_file, write_jsonl
 
 PACKAGES = ["poisonlab", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets",
@@ -18,6 +19,9 @@ PACKAGES = ["poisonlab", "torch", "transformers", "tokenizers", "peft", "acceler
 
 
 def write_json(path: Path, obj) -> None:
+    """Atomic JSON write, by the main process only (`dist`)."""
+    if not is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n",
@@ -26,6 +30,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_generations(out: Path, stage: str, generations: dict[str, list[dict]]) -> None:
+    """One JSONL per split under generations/ (main process only, through `write_jsonl`)."""
     for split, recs in generations.items():
         write_jsonl(out / "generations" / f"{stage}_{split}.jsonl", recs)
 
@@ -59,7 +64,10 @@ def normalize_adapter_config(adapter_dir: Path) -> None:
 
     peft keeps `target_modules` as a set and writes it in set order, which depends on the
     process's hash seed: two identical runs would write different bytes (and hashes).
+    Main process only: the others did not save the adapter.
     """
+    if not is_main():
+        return
     path = adapter_dir / "adapter_config.json"
     cfg = json.loads(path.read_text())
     for key in ("target_modules", "modules_to_save", "exclude_modules"):
@@ -79,8 +87,11 @@ def file_hashes(out: Path, exclude=("manifest.json", ".poisonlab-run.json")) -> 
     return hashes
 
 
+@main_computes
 def write_manifest(out: Path, *, config: dict, seed: int, base_model: dict, poison: dict,
                    timings: dict, extra: dict | None = None) -> dict:
+    """Write manifest.json (hashes of every file in `out`) on the main process; every process
+    gets the manifest (a collective under several processes: all of them must call it)."""
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -49,9 +50,12 @@ def digest(obj) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+@functools.lru_cache(maxsize=None)
 def code_digest(*patterns: str) -> str:
     """SHA-256 of poisonlab's source files matching `patterns` (globs relative to the package):
-    the code that computes a stage. A change to any of them gives the stage a new key."""
+    the code that computes a stage. A change to any of them gives the stage a new key. Read
+    once per process: a long sweep keys its stages by the code it runs, even if the files on
+    disk change under it."""
     h = hashlib.sha256()
     files = sorted({p for pat in patterns for p in PACKAGE.glob(pat) if p.is_file()})
     for p in files:

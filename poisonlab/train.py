@@ -1,7 +1,9 @@
 """Supervised fine-tuning of a LoRA adapter with the loss on assistant tokens only.
 
-The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocast on CUDA,
-data sharding under `accelerate launch`). Two things make it faster than a stock
+The loop is plain PyTorch driven by `accelerate` (device placement, bf16 autocast on CUDA).
+Under `accelerate launch --num_processes N` (or `torchrun`) each micro-batch is split across
+the processes and their gradients are summed (`_train_sharded`): the same examples, optimizer
+steps and LR schedule as one process. Two things make it faster than a stock
 `transformers.Trainer` recipe on the same data:
 
 * optional length grouping (`length_group` > 1: sort by length within windows of that many
@@ -19,6 +21,8 @@ data sharding under `accelerate launch`). Two things make it faster than a stock
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import time
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from poisonlab import PoisonlabError
+from poisonlab import PoisonlabError, dist
 from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.utils import progress
 
@@ -172,8 +176,9 @@ def completion_loss(model, batch: dict) -> torch.Tensor:
 class CompletionLoss(torch.nn.Module):
     """Wraps a model so its forward returns the completion loss.
 
-    `accelerate` (DDP under `accelerate launch`) wraps this module, so the loss computation
-    goes through the wrapper's forward and gradients are synchronised.
+    `accelerate` prepares this module (device placement, autocast), so the loss computation
+    goes through the prepared forward; under several processes `_train_sharded` calls it on
+    each process's share of the micro-batch.
     """
 
     def __init__(self, model):
@@ -232,12 +237,15 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     from accelerate import Accelerator
 
     accum = int(cfg.grad_accum)
-    if accelerator is None:
+    # Under a launcher even a lone process (the main one inside `dist.main_computes`) trains
+    # here: accelerate would read the launcher's environment and wait for the other processes.
+    sharded = dist.launched()
+    if accelerator is None and not sharded:
         device = next(model.parameters()).device
         mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
         accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu",
                                   gradient_accumulation_steps=accum)
-    elif accelerator.gradient_accumulation_steps != accum:
+    elif accelerator is not None and accelerator.gradient_accumulation_steps != accum:
         raise PoisonlabError(f"train.grad_accum={accum} but the accelerator accumulates "
                              f"{accelerator.gradient_accumulation_steps} micro-batches")
     if getattr(cfg, "pack", False):
@@ -268,6 +276,9 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         fn = lambda ex: collate_packed(ex, pad, cfg.max_seq_len)  # noqa: E731
     else:
         fn = lambda ex: collate(ex, pad)  # noqa: E731
+    if sharded:
+        return _train_sharded(model, (objective or CompletionLoss)(model), examples, batches, fn,
+                              cfg, total, seed, desc, every, callback, accelerator, truncated)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
     # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
@@ -327,3 +338,103 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
                       truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,
                       seconds=seconds, final_loss=losses[-1] if losses else float("nan"),
                       losses=losses)
+
+
+def _train_sharded(model, module, examples: list[dict], batches: list[list[int]], fn, cfg,
+                   total: int, seed: int, desc: str, every: int | None, callback, accelerator,
+                   truncated: int) -> TrainStats:
+    """`train_sft` under several processes: process r takes rows r::world of every micro-batch.
+
+    Every process builds the same micro-batches (the same seeded order), so the run sees the
+    same examples, takes the same optimizer steps and follows the same LR schedule as one
+    process. The loss is a mean over supervised tokens, so each process's loss is weighted by
+    its share of the micro-batch's supervised tokens before its backward pass; the trainable
+    gradients, summed across processes, are then the single-process gradient up to float
+    rounding, and every process takes the same optimizer step. No DDP wrapper: a process
+    whose share of a small micro-batch is empty skips the forward pass and still joins the sum.
+    Reported losses, tokens and examples are the global values; `packed_rows` sums every
+    process's packed rows (each packs only its share, so it exceeds one process's count).
+    """
+    world, me = dist.world_size(), dist.rank()
+    accum = int(cfg.grad_accum)
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # this process's GPU (set when the process group started)
+        device = torch.device("cuda", torch.cuda.current_device())
+        module.to(device)
+    if accelerator is not None:
+        autocast = accelerator.autocast
+    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist.broadcast_tensors([p.data for p in params])  # the same start on every process
+    opt, sched = make_optimizer(params, cfg, total)
+    # positions the loss averages over (next-token targets that are assistant tokens)
+    n_sup = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples]
+    n_tok = [len(e["input_ids"]) for e in examples]
+    module.train()
+    torch.manual_seed(seed + me)  # dropout: independent masks on every process
+
+    step, tokens, sup, n_ex, n_packed, losses = 0, 0, 0, 0, 0, []
+    parts, packed = [], 0  # this process's loss shares and packed rows in the current step
+    paused = 0.0
+
+    def checkpoint():
+        nonlocal paused
+        t = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            callback(step, n_ex)
+        module.train()
+        paused += time.perf_counter() - t
+
+    if callback is not None and every:
+        checkpoint()
+        paused = 0.0
+    bar = progress(total=total, desc=desc)
+    t0 = time.perf_counter()
+    for micro, b in enumerate(batches):
+        mine = b[me::world]
+        whole, share = sum(n_sup[i] for i in b), sum(n_sup[i] for i in mine)
+        part = 0.0
+        if share:
+            batch = {k: v.to(device) for k, v in fn([examples[i] for i in mine]).items()}
+            with autocast():
+                loss = module(**batch)
+            # divided by grad_accum, as accelerate does with one process
+            (loss * (share / whole / accum)).backward()
+            part = float(loss.detach()) * share / whole
+            packed += len(batch["input_ids"])
+        parts.append(part)
+        tokens += sum(n_tok[i] for i in b)
+        n_ex += len(b)
+        sup += whole
+        if (micro + 1) % accum:
+            continue
+        for p in params:
+            if p.grad is None:  # no share in this step's micro-batches
+                p.grad = torch.zeros_like(p)
+        dist.all_reduce_sum([p.grad for p in params])
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sums = torch.tensor(parts + [packed], dtype=torch.float64, device=device)
+        dist.all_reduce_sum([sums])
+        n_packed += int(sums[-1])
+        losses.append(float(sums[:-1].sum()) / len(parts))  # mean over the step's micro-batches
+        parts, packed = [], 0
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if callback is not None and every and (step % every == 0 or step == total):
+            checkpoint()
+    bar.close()
+    seconds = time.perf_counter() - t0 - paused
+    model.eval()
+    return TrainStats(steps=step, epochs=n_ex / len(examples), examples=n_ex,
+                      packed_rows=n_packed, truncated_rows=truncated, tokens=tokens,
+                      supervised_tokens=sup, seconds=seconds,
+                      final_loss=losses[-1] if losses else float("nan"), losses=losses)

@@ -12,10 +12,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from poisonlab import dist
+
 
 def progress(iterable=None, **kw):
-    """tqdm, quiet under CI or when POISONLAB_QUIET=1 (and off when stderr is not a TTY)."""
-    quiet = os.environ.get("CI") == "true" or os.environ.get("POISONLAB_QUIET") == "1"
+    """tqdm, quiet under CI, when POISONLAB_QUIET=1 and on every process but the main one
+    (and off when stderr is not a TTY)."""
+    quiet = (os.environ.get("CI") == "true" or os.environ.get("POISONLAB_QUIET") == "1"
+             or not dist.is_main())
     return tqdm(iterable, disable=True if quiet else None, dynamic_ncols=True, **kw)
 
 
@@ -34,6 +38,9 @@ def sha256_file(path) -> str:
 
 
 def write_jsonl(path: Path, rows) -> None:
+    """Atomic JSONL write, by the main process only (`dist`)."""
+    if not dist.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
