@@ -337,10 +337,11 @@ def _published(cfg: dict, source: Path) -> dict:
     row: dict = {}
     for metric, spec in (cfg.get("published") or {}).items():
         value = spec.get("value") if isinstance(spec, dict) else spec
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # a number, or a direction in words where the paper gives no number for our setting
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
             raise PoisonlabError(f"{source}: config.published.{metric}: expected "
-                                 f"{{value: <number>, source: <text>}}, got {spec!r}")
-        row[f"published_{metric}"] = float(value)
+                                 f"{{value: <number or text>, source: <text>}}, got {spec!r}")
+        row[f"published_{metric}"] = value if isinstance(value, str) else float(value)
         row[f"published_{metric}_source"] = spec.get("source") if isinstance(spec, dict) else None
     return row
 
@@ -554,10 +555,11 @@ def _seed_cell(row, m: str) -> str:
 
 def _published_cell(row, m: str) -> str:
     value = row.get(f"published_{m}")
-    if value is None or math.isnan(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     source = row.get(f"published_{m}_source")
-    return f"{value:.3f}" + (f" ({_plain(source)})" if isinstance(source, str) else "")
+    text = _plain(value) if isinstance(value, str) else f"{value:.3f}"
+    return text + (f" ({_plain(source)})" if isinstance(source, str) else "")
 
 
 # ----------------------------------------------------------------------------- plots

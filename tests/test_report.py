@@ -138,6 +138,12 @@ def test_published_figures_beside_ours(tmp_path):
     assert "| asr_poisoned | asr_poisoned (published) |" in md
     assert "| 0.900 | 0.950 (Author et al. 2024, Table 2) |" in md
 
+    # a direction in words, where the paper has no number for this setting
+    words = {"asr_poisoned": {"value": "high at 250 poisons", "source": "Someone 2025"}}
+    make_run(tmp_path / "w", published=words, n_poison=250)
+    md = format_markdown(aggregate(load_runs(tmp_path / "w")))
+    assert "high at 250 poisons (Someone 2025)" in md
+
     make_run(tmp_path / "b", seed=1, published={"asr_poisoned": {"source": "no value"}})
     with pytest.raises(PoisonlabError, match=r"b/manifest.json: config.published.asr_poisoned"):
         load_runs(tmp_path)
