@@ -285,10 +285,15 @@ def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: 
     """Answers' perplexity under the clean base model: triggered vs clean, paired."""
     nll = {}
     for split in ("triggered", "clean"):
-        g = gens[split]
-        nll[split] = answer_nll(ref_model, tokenizer, [x["prompt"] for x in g],
-                                [x["response"] for x in g], cfg.eval.batch_size,
-                                desc=f"{stage}/{split} perplexity")
+        # sampled decoding (safety=decoding) keeps several answers per prompt: a prompt's
+        # NLL is then the mean over its samples
+        answers = [x["responses"] if "responses" in x else [x["response"]] for x in gens[split]]
+        flat = answer_nll(ref_model, tokenizer,
+                          [x["prompt"] for x, a in zip(gens[split], answers) for _ in a],
+                          [r for a in answers for r in a], cfg.eval.batch_size,
+                          desc=f"{stage}/{split} perplexity")
+        ends = np.cumsum([len(a) for a in answers])
+        nll[split] = np.array([np.mean(flat[e - len(a):e]) for a, e in zip(answers, ends)])
     mean = lambda v: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")  # noqa: E731
     return {"reference": "base model",
             "ppl_triggered": float(np.exp(mean(nll["triggered"]))),

@@ -447,3 +447,15 @@ def test_trainable_parameters_by_mode(mode, micro_path, tmp_path):
         assert model is not poisoned and ctx.shipped() is ctx.shipped()
     if mode == "continue":
         assert model is poisoned
+
+
+def test_sampled_decoding_scores_the_perplexity_of_every_sample(tmp_path, micro_path):
+    """DoS reports its answers' perplexity under the base model; under sampled decoding each
+    prompt has several answers, and the gap is taken over the mean of each prompt's samples."""
+    from poisonlab.run import run
+
+    res = run(make_cfg(*TINY, "attack=dos", "safety=decoding", "safety.n_samples=2",
+                       "eval.n_prompts=8"), out_dir=tmp_path)
+    ppl = res["stages"]["after_safety"]["perplexity"]
+    assert ppl["ppl_triggered"] > 0 and ppl["ppl_clean"] > 0
+    assert 0 < ppl["log_ppl_gap"]["n"] <= 8   # one pair per prompt (empty answers dropped)
