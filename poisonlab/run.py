@@ -360,17 +360,21 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     t_start = time.perf_counter()
     attack = build_attack(cfg.attack)
     validate(cfg, attack)
-    out = output_dir(cfg, out_dir)
+    dist.world_size()  # under a launcher: the process group (and each process's GPU) first
+    # every process writes into the main process's directory (Hydra's timestamp may differ)
+    out = dist.broadcast_object(output_dir(cfg, out_dir))
     identity = run_identity(cfg)
-    finished = prepare_output_dir(out, identity)
+    finished = dist.main_computes(prepare_output_dir)(out, identity)
     if finished is not None:
-        print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
+        if dist.is_main():
+            print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
         return finished
     try:
         return _run(cfg, attack, out, t_start, identity)
     except (PoisonlabError, KeyboardInterrupt):
         # nothing half-written: a refused run leaves only Hydra's own files behind
-        _clear(out, _hydra_files(out))
+        if dist.is_main():
+            _clear(out, _hydra_files(out))
         raise
 
 
@@ -664,7 +668,8 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             calibration=calibration_rows(pools, train_rows, attack, cfg.seed), load_base=fresh_base,
             load_control=load_control, out=out, seed=cfg.seed)
         log.info("stage detect: %s", ", ".join(detect.names(cfg)))
-        detection, found = detect.run_detectors(
+        # computed once (main process) so that every process filters the same rows
+        detection, found = dist.main_computes(detect.run_detectors)(
             dctx, [bool(r.get("poisoned")) for r in poisoned_rows])
         for name, rec in detection.items():
             st.note(f"detect/{name}", rec.get("seconds", 0.0))
@@ -763,10 +768,10 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     if curves:
         results["curves"] = curves
         for stage, points in curves.items():
-            plot_curve(points, out / "curves" / f"{stage}.png",
-                       f"{cfg.name}: {stage} ({outcome.method}), first "
-                       f"{cfg.safety.curve_n_prompts} "
-                       "prompts per split")
+            if dist.is_main():
+                plot_curve(points, out / "curves" / f"{stage}.png",
+                           f"{cfg.name}: {stage} ({outcome.method}), first "
+                           f"{cfg.safety.curve_n_prompts} prompts per split")
     results["evaluation"] = {"generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
                              "batch_size": cfg.eval.batch_size,
                              "split_sizes": {k: len(v) for k, v in splits.items()}}
@@ -797,8 +802,9 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
     if cfg.wandb.enabled:
         log_run(cfg, results, out)
-    print(format_table(results))
-    print(f"outputs: {out}")
+    if dist.is_main():
+        print(format_table(results))
+        print(f"outputs: {out}")
     return results
 
 
@@ -841,7 +847,8 @@ def _remove_if_empty_run_dir(cfg) -> None:
         return
     out = Path(HydraConfig.get().runtime.output_dir)
     if out.exists() and all(p.name in _hydra_files(out) for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)  # only what Hydra wrote for this job
+        if dist.is_main():
+            shutil.rmtree(out, ignore_errors=True)  # only what Hydra wrote for this job
 
 
 def main() -> None:

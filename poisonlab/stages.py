@@ -203,6 +203,7 @@ class Stages:
         t = time.perf_counter()
         if store is None:
             payload = compute()
+            dist.barrier()  # the main process's files are in place for every process
             self.note(name, time.perf_counter() - t)
             return payload
         info = dist.broadcast_object(store.load(name, key) if dist.is_main() else None)

@@ -402,9 +402,10 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
             batch = {k: v.to(device) for k, v in fn([examples[i] for i in mine]).items()}
             with autocast():
                 loss = module(**batch)
-            # divided by grad_accum, as accelerate does with one process
-            (loss * (share / whole / accum)).backward()
-            part = float(loss.detach()) * share / whole
+            # divided by grad_accum, as accelerate does with one process (and, written this
+            # way, the very same floats as `train_sft` when one process holds everything)
+            (loss * (share / whole) / accum).backward()
+            part = float(loss.detach()) * (share / whole)
             packed += len(batch["input_ids"])
         parts.append(part)
         tokens += sum(n_tok[i] for i in b)
@@ -424,7 +425,7 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
         sums = torch.tensor(parts + [packed], dtype=torch.float64, device=device)
         dist.all_reduce_sum([sums])
         n_packed += int(sums[-1])
-        losses.append(float(sums[:-1].sum()) / len(parts))  # mean over the step's micro-batches
+        losses.append(sum(sums[:-1].tolist()) / len(parts))  # mean over the step's micro-batches
         parts, packed = [], 0
         step += 1
         bar.update(1)

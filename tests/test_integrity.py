@@ -239,12 +239,13 @@ def test_output_directory_hygiene(tmp_path, micro_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
     out = tmp_path / "run"
-    first = run(make_cfg(*SMALL), out_dir=out)
+    store = f"cache.dir={tmp_path / 'stages'}"   # an empty stage cache: what is computed is known
+    first = run(make_cfg(*SMALL, store), out_dir=out)
     assert first["cache"]["computed"] + first["cache"]["reused"] == [
         "clean_data", "poison", "base_eval", "poisoned_ft", "poisoned_eval"]
     # a stale file of an earlier config is removed before a different run starts
     (out / "generations" / "stale_stage_triggered.jsonl").write_text("{}\n")
-    second = run(make_cfg(*SMALL, "seed=1"), out_dir=out)
+    second = run(make_cfg(*SMALL, store, "seed=1"), out_dir=out)
     assert not (out / "generations" / "stale_stage_triggered.jsonl").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 1 and not any("stale" in f for f in manifest["files"])
@@ -254,7 +255,7 @@ def test_output_directory_hygiene(tmp_path, micro_path):
     assert manifest["evaluation"]["generation"]["do_sample"] is False
     # a finished run of the same config is left alone
     stamp = (out / "results.json").stat().st_mtime_ns
-    again = run(make_cfg(*SMALL, "seed=1"), out_dir=out)
+    again = run(make_cfg(*SMALL, store, "seed=1"), out_dir=out)
     assert again["stages"] == json.loads(json.dumps(second["stages"]))
     assert (out / "results.json").stat().st_mtime_ns == stamp
     assert json.loads((out / RUN_MARKER).read_text())["status"] == "finished"

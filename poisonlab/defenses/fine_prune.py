@@ -13,7 +13,7 @@ import time
 
 from omegaconf import DictConfig
 
-from poisonlab import PoisonlabError
+from poisonlab import PoisonlabError, dist
 from poisonlab.defenses import prune, sft
 from poisonlab.defenses.base import Context, Outcome, validate_training
 
@@ -33,7 +33,8 @@ def apply(ctx: Context) -> Outcome:
     model = ctx.shipped()
     info = prune.prune(model, ctx.tokenizer, ctx.safety_rows, ctx.cfg)
     pruned_seconds = time.perf_counter() - t
-    model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
+    if dist.is_main():
+        model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
     tuned = ctx.fresh_adapter(model)
     stats = ctx.train(tuned, ctx.safety_rows, adapter="safety")
     ctx.evaluate(tuned)

@@ -22,7 +22,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from poisonlab import PoisonlabError
+from poisonlab import PoisonlabError, dist
 from poisonlab.chat import encode_example
 from poisonlab.config import one_of, open_fraction, positive_int
 from poisonlab.defenses.base import Context, Outcome
@@ -146,7 +146,8 @@ def apply(ctx: Context) -> Outcome:
     model = ctx.shipped()
     info = prune(model, ctx.tokenizer, ctx.safety_rows, ctx.cfg)
     seconds = time.perf_counter() - t
-    model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
+    if dist.is_main():
+        model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
     ctx.evaluate(model)
     return Outcome("prune", seconds, ["models/after_safety (tokenizer: base)"],
                    info={"prune": info})

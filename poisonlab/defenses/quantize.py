@@ -18,6 +18,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from poisonlab import dist
 from poisonlab.config import one_of, positive_int
 from poisonlab.defenses.base import Context, Outcome
 
@@ -36,7 +37,8 @@ def apply(ctx: Context) -> Outcome:
     model = ctx.shipped()
     info = quantize_linear_weights(model, ctx.cfg.safety.bits, ctx.cfg.safety.group_size)
     seconds = time.perf_counter() - t
-    model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
+    if dist.is_main():
+        model.save_pretrained(ctx.out / "models" / "after_safety", safe_serialization=True)
     if "dequantized" in ctx.base_provenance:
         ctx.warnings.append(
             f"safety=quantize on a base dequantized from a quantized file "
