@@ -831,12 +831,33 @@ def _hydra_main(cfg: DictConfig) -> None:
         run(cfg)
     except PoisonlabError as e:
         log.error("run refused: %s", e)  # into the run's log file too (Hydra's handler)
-        _remove_if_empty_run_dir(cfg)
         print(f"poisonlab: error: {e}", file=sys.stderr)
+        if _in_sweep():
+            # One cell the pipeline refuses (a defence that does not apply to an attack) must
+            # not stop the sweep: its directory says why, the benchmark table lists it, and a
+            # resumed sweep tries it again.
+            _mark_refused(e)
+            return
+        _remove_if_empty_run_dir(cfg)
         sys.exit(2)
     except Exception:
         log.exception("run failed")
         raise
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _mark_refused(error: Exception) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if out.exists() and all(p.name in _hydra_files(out) for p in out.iterdir()):
+        write_json(out / RUN_MARKER, {"status": "refused", "error": str(error)})
 
 
 def _remove_if_empty_run_dir(cfg) -> None:

@@ -25,21 +25,40 @@ COLUMNS = ["attack", "defense", "kind", "seed", "n_poison",
            "asr_before", "asr_before_lo", "asr_before_hi", "asr_after", "asr_after_lo",
            "asr_after_hi", "utility_before", "utility_after", "der", "fidelity",
            "auroc", "auroc_lo", "auroc_hi", "ap", "seconds", "stages_computed", "stages_reused",
-           "run_dir"]
+           "run_dir", "note"]
+
+
+def _cells(sweep_dir: Path, status: str) -> list[tuple[Path, dict]]:
+    found = []
+    for marker in Path(sweep_dir).rglob(MARKER):
+        try:
+            info = json.loads(marker.read_text())
+        except ValueError:
+            continue
+        if info.get("status") == status:
+            found.append((marker.parent, info))
+    return sorted(found, key=lambda c: [int(p) if p.isdigit() else p for p in c[0].parts])
 
 
 def finished_cells(sweep_dir: Path) -> list[Path]:
     """The sweep's finished cell directories (a done marker and results.json), in job order."""
-    cells = []
-    for marker in Path(sweep_dir).rglob(MARKER):
-        d = marker.parent
-        try:
-            done = json.loads(marker.read_text()).get("status") == "finished"
-        except ValueError:
-            done = False
-        if done and (d / "results.json").exists():
-            cells.append(d)
-    return sorted(cells, key=lambda d: [int(p) if p.isdigit() else p for p in d.parts])
+    return [d for d, _ in _cells(sweep_dir, "finished") if (d / "results.json").exists()]
+
+
+def refused_cells(sweep_dir: Path) -> list[tuple[Path, str]]:
+    """Cells the pipeline refused (e.g. a defence that does not apply to an attack): (dir,
+    reason)."""
+    return [(d, info.get("error", "")) for d, info in _cells(sweep_dir, "refused")]
+
+
+def _override(cell: Path, key: str) -> str | None:
+    overrides = cell / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        for line in overrides.read_text().splitlines():
+            item = line.strip().lstrip("- ").strip("'\"")
+            if item.startswith(f"{key}="):
+                return item.split("=", 1)[1]
+    return None
 
 
 def _m(metrics: dict | None, key: str) -> tuple[float, float, float]:
@@ -47,17 +66,6 @@ def _m(metrics: dict | None, key: str) -> tuple[float, float, float]:
     if not isinstance(v, dict):
         return math.nan, math.nan, math.nan
     return v["value"], v.get("ci_low", math.nan), v.get("ci_high", math.nan)
-
-
-def _arm(cell: Path, config: dict) -> str | None:
-    """The cell's benchmark arm (`arm=` of its overrides), if any."""
-    overrides = cell / ".hydra" / "overrides.yaml"
-    if overrides.exists():
-        for line in overrides.read_text().splitlines():
-            item = line.strip().lstrip("- ").strip("'\"")
-            if item.startswith("arm="):
-                return item.split("=", 1)[1]
-    return None
 
 
 def cell_rows(cell: Path) -> list[dict]:
@@ -107,7 +115,7 @@ def cell_rows(cell: Path) -> list[dict]:
                      "ap": _m(rec, "ap")[0],
                      "seconds": (rem or {}).get("seconds", math.nan) + (rec.get("seconds") or 0)})
     if not rows:  # no defence at all: the poisoned model alone
-        rows.append({**common, "defense": _arm(cell, config) or "none", "kind": "none"})
+        rows.append({**common, "defense": _override(cell, "arm") or "none", "kind": "none"})
     return rows
 
 
@@ -136,6 +144,12 @@ def benchmark_table(sweep_dir: Path):
     if not cells:
         raise PoisonlabError(f"{sweep_dir}: no finished run below this directory")
     rows = [r for c in cells for r in cell_rows(c)]
+    for cell, reason in refused_cells(sweep_dir):
+        seed = _override(cell, "seed")
+        rows.append({"attack": _override(cell, "attack"), "kind": "refused",
+                     "defense": _override(cell, "arm") or _override(cell, "safety"),
+                     "seed": int(seed) if seed and seed.isdigit() else None,
+                     "run_dir": str(cell), "note": reason})
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
     df = df.sort_values(["attack", "kind", "defense", "seed"], kind="stable").reset_index(drop=True)
     return df, stage_accounting(cells)
@@ -164,7 +178,8 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
              "max(0, Δutility) + 1) / 2. Seconds: the defence or detector itself, evaluation "
              "excluded.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in df.itertuples(index=False):
+    refused = df[df["kind"] == "refused"]
+    for r in df[df["kind"] != "refused"].itertuples(index=False):
         util = ("-" if _fmt(r.utility_before) == "-" else
                 f"{_fmt(r.utility_before)} → {_fmt(r.utility_after)}"
                 if _fmt(r.utility_after) != "-" else _fmt(r.utility_before))
@@ -174,6 +189,11 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
             _ci(r.asr_after, r.asr_after_lo, r.asr_after_hi), util, _fmt(r.der),
             _fmt(r.fidelity), _ci(r.auroc, r.auroc_lo, r.auroc_hi), _fmt(r.ap),
             _fmt(r.seconds, 1)]) + " |")
+    if len(refused):
+        lines += ["", "Refused cells (the pipeline declined the combination before training "
+                  "its defence):", ""]
+        lines += [f"* {r.attack} × {r.defense} (seed {_fmt(r.seed)}): {r.note}"
+                  for r in refused.itertuples(index=False)]
     a = accounting
     lines += ["", f"{a['cells']} cells; stage computations: {a['computed']} run, "
               f"{a['unique']} unique, {a['naive']} if every cell ran from scratch."]

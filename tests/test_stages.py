@@ -275,3 +275,17 @@ def test_every_cell_of_every_sweep_preset_validates(preset):
         if any(c.startswith("arm=") for c in cell):
             arm = next(c for c in cell if c.startswith("arm="))[4:]
             assert (cfg.safety.method == arm) or arm in ("detectors", "filter"), cell
+
+
+def test_a_refused_cell_does_not_stop_the_sweep(tmp_path, micro_path):
+    """A cell the pipeline refuses is recorded with its reason; the other cells run and the
+    benchmark table lists it."""
+    sweep = tmp_path / "sweep"
+    res = _sweep(tmp_path, sweep, "attack=badnets", "arm=quantize", "seed=0",
+                 "attack.poison_rate=null", "attack.n_poison=100000,10")
+    marker = json.loads((sweep / "0" / ".poisonlab-run.json").read_text())
+    assert marker["status"] == "refused" and "n_poison" in marker["error"]
+    assert _status(sweep / "1") == "finished"
+    md = (sweep / "benchmark.md").read_text()
+    assert "Refused cells" in md and "badnets × quantize" in md
+    assert "poisonlab: error:" in res.stderr
