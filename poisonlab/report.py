@@ -493,6 +493,10 @@ def format_markdown(agg: pandas.DataFrame) -> str:
     shown = [m for m in metrics if m.startswith(HEADLINE_PREFIXES) or m in HEADLINE
              or m in published]
     shown += [m for m in published if m not in shown]
+    # a published figure that is the same for every cell is said once, below the table
+    common = {m: _published_cell(agg.iloc[0], m) for m in published if len(agg) > 1
+              and agg.apply(lambda r: _published_cell(r, m), axis=1).nunique() == 1}
+    published = [m for m in published if m not in common]
     ids = _distinguishing(agg)
     header = [*ids, "seeds"]
     for m in shown:
@@ -519,6 +523,8 @@ def format_markdown(agg: pandas.DataFrame) -> str:
     if published:
         lines.append("`(published)`: the figure the preset quotes (`config.published`), with "
                      "its source.")
+    for m, text in common.items():
+        lines.append(f"Published {m} (`config.published`): {text}.")
     return "\n".join(lines)
 
 

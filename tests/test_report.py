@@ -143,6 +143,10 @@ def test_published_figures_beside_ours(tmp_path):
     make_run(tmp_path / "w", published=words, n_poison=250)
     md = format_markdown(aggregate(load_runs(tmp_path / "w")))
     assert "high at 250 poisons (Someone 2025)" in md
+    # the same published figure for every cell: said once, below the table
+    make_run(tmp_path / "w2", published=words, n_poison=100)
+    md = format_markdown(aggregate(load_runs([tmp_path / "w", tmp_path / "w2"])))
+    assert "(published) |" not in md and md.count("high at 250 poisons") == 1
 
     make_run(tmp_path / "b", seed=1, published={"asr_poisoned": {"source": "no value"}})
     with pytest.raises(PoisonlabError, match=r"b/manifest.json: config.published.asr_poisoned"):
