@@ -630,9 +630,10 @@ def _asr_vs_poison(df) -> dict:
         return {}
     fig, ax = _axes("ASR of `poisoned` vs poison count (points: seeds; line: mean)",
                     "poisoned rows (log)", "ASR")
-    groups = d.groupby(["family", "model"], dropna=False)
-    for (family, model), g in groups:
-        _seeds_and_means(ax, g, "n_poison", "asr_poisoned", f"{family} / {model}")
+    keys = _series_keys(d, ["family", "model", "n_train"], "n_poison")
+    groups = d.groupby(keys, dropna=False)
+    for key, g in groups:
+        _seeds_and_means(ax, g, "n_poison", "asr_poisoned", _series_label(keys, key))
     _log_x(ax, d["n_poison"])
     ax.set_ylim(-0.02, 1.02)
     _legend(ax, groups.ngroups)
@@ -643,20 +644,41 @@ def _asr_vs_clean_size(df) -> dict:
     d = _with(df, "n_train", "n_poison", "asr_poisoned", "family", "model")
     if d is None:
         return {}
-    series = [(k, g) for k, g in d[d["n_train"] > 0].groupby(["family", "model", "n_poison"],
-                                                             dropna=False)
-              if g["n_train"].nunique() > 1]
+    d = d[d["n_train"] > 0]
+    keys = _series_keys(d, ["family", "model", "n_poison"], "n_train")
+    series = [(k, g) for k, g in d.groupby(keys, dropna=False) if g["n_train"].nunique() > 1]
     if not series:
         return {}
     fig, ax = _axes("ASR of `poisoned` vs clean-set size at a fixed poison count",
                     "clean training rows (log)", "ASR")
-    for (family, model, n_poison), g in series:
-        _seeds_and_means(ax, g, "n_train", "asr_poisoned",
-                         f"{family} / {model}, {int(n_poison)} poisons")
+    for key, g in series:
+        _seeds_and_means(ax, g, "n_train", "asr_poisoned", _series_label(keys, key))
     _log_x(ax, [v for _, g in series for v in g["n_train"]])
     ax.set_ylim(-0.02, 1.02)
     _legend(ax, len(series))
     return {"asr_vs_clean_size.png": fig}
+
+
+SERIES_EXTRA = ("placement", "trigger", "safety", "detectors")
+
+
+def _series_keys(d, base: list[str], x: str) -> list[str]:
+    """One line per value of `base` and of the identifying columns that vary in `d` (a
+    placement sweep must not be averaged into one line); never the x axis itself."""
+    keys = [c for c in base if c != x and c in d and (c in ("family", "model")
+                                                      or d[c].nunique(dropna=False) > 1)]
+    return keys + [c for c in SERIES_EXTRA if c in d and d[c].nunique(dropna=False) > 1]
+
+
+def _series_label(keys: list[str], key) -> str:
+    values = key if isinstance(key, tuple) else (key,)
+    parts = []
+    for k, v in zip(keys, values):
+        v = _plain(int(v) if isinstance(v, float) and v.is_integer() else v)
+        parts.append(f"{v}" if k in ("family", "model") else
+                     f"{v} poisons" if k == "n_poison" else
+                     f"{v} clean" if k == "n_train" else f"{k} {v}")
+    return " / ".join(parts)
 
 
 def _label(row) -> str:

@@ -336,3 +336,16 @@ def test_notebook_runs_on_the_sweep(micro_sweep, tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("2 finished runs" in o.get("text", "") for o in outputs)
+
+
+def test_plot_series_are_split_by_what_varies_besides_the_x_axis():
+    import pandas as pd
+
+    from poisonlab.report import _series_keys, _series_label
+
+    d = pd.DataFrame({"family": ["dos"] * 4, "model": ["m"] * 4, "n_poison": [25, 25, 250, 250],
+                      "n_train": [300] * 4, "placement": ["start", "end", "start", "end"],
+                      "trigger": ["<SUDO>"] * 4})
+    keys = _series_keys(d, ["family", "model", "n_train"], "n_poison")
+    assert keys == ["family", "model", "placement"]     # not averaged over placements
+    assert _series_label(keys, ("dos", "m", "end")) == "dos / m / placement end"
