@@ -20,8 +20,6 @@ structure can be built from config without weights.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -39,7 +37,7 @@ import torch
 
 from poisonlab import PoisonlabError
 from poisonlab.dist import main_computes
-from poisonlab.utils import sha256_file
+from poisonlab.utils import file_lock, sha256_file
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -336,17 +334,6 @@ def _write_marker(out_dir: Path, info: dict) -> None:
     (out_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @main_computes
 def _cached(key: str, build) -> Path:
     """Return `$POISONLAB_HOME/models/<key>`, building it once (atomically, under a lock).
@@ -358,7 +345,7 @@ def _cached(key: str, build) -> Path:
     final = root / key
     if (final / MARKER).exists():
         return final
-    with _locked(root / f"{key}.lock"):
+    with file_lock(root / f"{key}.lock"):
         if (final / MARKER).exists():  # another process built it while we waited
             return final
         tmp = root / f"{key}.partial-{os.getpid()}"

@@ -21,7 +21,6 @@ reused: `"cache": {"computed": [...], "reused": [...]}`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from poisonlab import dist
-from poisonlab.utils import sha256_file
+from poisonlab.utils import file_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +60,6 @@ def code_digest(*patterns: str) -> str:
     for p in files:
         h.update(str(p.relative_to(PACKAGE)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` (created if missing), released on exit or process death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _files_under(out: Path, rel: str) -> list[str]:

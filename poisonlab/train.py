@@ -214,6 +214,31 @@ def planned_steps(n_rows: int, cfg) -> int:
     return cfg.max_steps or math.ceil(math.ceil(per_epoch / cfg.grad_accum) * cfg.epochs)
 
 
+class _Curve:
+    """Calls the persistence-curve callback with the model in eval mode and gradients off,
+    then puts the training module back in train mode; `paused` sums the seconds it took
+    (excluded from the training time)."""
+
+    def __init__(self, model, module, callback):
+        self.model, self.module, self.callback, self.paused = model, module, callback, 0.0
+
+    def __call__(self, step: int, rows_seen: int) -> None:
+        t = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            self.callback(step, rows_seen)
+        self.module.train()
+        self.paused += time.perf_counter() - t
+
+    def step_done(self, bar, loss: float, step: int, total: int, every, rows_seen: int) -> None:
+        """After an optimizer step: the progress bar, and a curve point every `every` steps
+        and after the last."""
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if self.callback is not None and every and (step % every == 0 or step == total):
+            self(step, rows_seen)
+
+
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
               accelerator=None, group_lengths: list[int] | None = None,
               ordered: bool = False, every: int | None = None,
@@ -292,20 +317,10 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     torch.manual_seed(seed)
 
     step, micro, tokens, sup, n_ex, n_packed, losses, pending = 0, 0, 0, 0, 0, 0, [], []
-    paused = 0.0  # seconds spent in the callback (excluded from the training time)
-
-    def checkpoint():
-        nonlocal paused
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            callback(step, n_ex)
-        wrapped.train()
-        paused += time.perf_counter() - t
-
+    curve = _Curve(model, wrapped, callback)
     if callback is not None and every:
-        checkpoint()      # the point before training
-        paused = 0.0      # not part of the timed loop below
+        curve(step, n_ex)   # the point before training (not part of the timed loop below)
+        curve.paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
     for batch in loader:
@@ -327,12 +342,9 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
             step += 1
             losses.append(sum(pending) / len(pending))  # mean loss over the step's micro-batches
             pending = []
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if callback is not None and every and (step % every == 0 or step == total):
-                checkpoint()
+            curve.step_done(bar, losses[-1], step, total, every, n_ex)
     bar.close()
-    seconds = time.perf_counter() - t0 - paused
+    seconds = time.perf_counter() - t0 - curve.paused
     model.eval()
     return TrainStats(steps=step, epochs=n_ex / len(rows), examples=n_ex, packed_rows=n_packed,
                       truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,
@@ -378,20 +390,10 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
 
     step, tokens, sup, n_ex, n_packed, losses = 0, 0, 0, 0, 0, []
     parts, packed = [], 0  # this process's loss shares and packed rows in the current step
-    paused = 0.0
-
-    def checkpoint():
-        nonlocal paused
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            callback(step, n_ex)
-        module.train()
-        paused += time.perf_counter() - t
-
+    curve = _Curve(model, module, callback)
     if callback is not None and every:
-        checkpoint()
-        paused = 0.0
+        curve(step, n_ex)
+        curve.paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
     for micro, b in enumerate(batches):
@@ -428,12 +430,9 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
         losses.append(sum(sums[:-1].tolist()) / len(parts))  # mean over the step's micro-batches
         parts, packed = [], 0
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if callback is not None and every and (step % every == 0 or step == total):
-            checkpoint()
+        curve.step_done(bar, losses[-1], step, total, every, n_ex)
     bar.close()
-    seconds = time.perf_counter() - t0 - paused
+    seconds = time.perf_counter() - t0 - curve.paused
     model.eval()
     return TrainStats(steps=step, epochs=n_ex / len(examples), examples=n_ex,
                       packed_rows=n_packed, truncated_rows=truncated, tokens=tokens,
