@@ -593,14 +593,16 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         record(stage, *evaluate_stage(None, tokenizer, splits, judge_of(attack), cfg.eval, stage,
                                       responses=payload["responses"]))
 
-    def trained_stage(stage, rows, key_stage, lengths=clean_lengths, **spec_extra):
+    def trained_stage(stage, rows, key_stage, lengths=clean_lengths):
         """A LoRA fine-tune of the base on `rows` (stage `key_stage`, adapter `stage`): the
         trained model, or the stored adapter loaded onto a fresh base."""
         holder = {}
         ordered = attack.placement != "uniform"
-        spec = {"data": st.keys["poison"], "rows": stage, **spec_extra, **model_spec,
+        # keyed by the rows' content: attacks (or variants) that write the same training set
+        # share the adapter
+        spec = {"rows": digest(rows), **model_spec,
                 "train": _plain(stage_train_cfg(cfg)), "seed": cfg.seed, "ordered": ordered,
-                "length_grouped": lengths is not None,
+                "lengths": None if lengths is None else digest(lengths),
                 "code": code_digest("train.py", "models.py", "chat.py")}
 
         def compute():
@@ -682,7 +684,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
             write_jsonl(out / "data" / "train_filtered.jsonl", [poisoned_rows[i] for i in keep])
             fmodel = trained_stage("filtered", [poisoned_rows[i] for i in keep], "filtered",
                                    lengths=None if clean_lengths is None else
-                                   [clean_lengths[i] for i in keep], kept=digest(keep))
+                                   [clean_lengths[i] for i in keep])
             evaluate_model("filtered", "filtered_eval", lambda: fmodel, st.keys["filtered"])
             del fmodel
             timings["filtered"] = time.perf_counter() - t
