@@ -61,6 +61,16 @@ def _override(cell: Path, key: str) -> str | None:
     return None
 
 
+def _hydra_config(cell: Path) -> dict:
+    """The cell's composed config as Hydra saved it ({} when absent)."""
+    path = cell / ".hydra" / "config.yaml"
+    if not path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
 def _m(metrics: dict | None, key: str) -> tuple[float, float, float]:
     v = (metrics or {}).get(key)
     if not isinstance(v, dict):
@@ -145,11 +155,11 @@ def benchmark_table(sweep_dir: Path):
         raise PoisonlabError(f"{sweep_dir}: no finished run below this directory")
     rows = [r for c in cells for r in cell_rows(c)]
     for cell, reason in refused_cells(sweep_dir):
-        seed = _override(cell, "seed")
-        rows.append({"attack": _override(cell, "attack"), "kind": "refused",
-                     "defense": _override(cell, "arm") or _override(cell, "safety"),
-                     "seed": int(seed) if seed and seed.isdigit() else None,
-                     "run_dir": str(cell), "note": reason})
+        config = _hydra_config(cell)
+        rows.append({"attack": config.get("attack", {}).get("name", _override(cell, "attack")),
+                     "kind": "refused",
+                     "defense": _override(cell, "arm") or config.get("safety", {}).get("method"),
+                     "seed": config.get("seed"), "run_dir": str(cell), "note": reason})
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
     df = df.sort_values(["attack", "kind", "defense", "seed"], kind="stable").reset_index(drop=True)
     return df, stage_accounting(cells)
@@ -158,6 +168,8 @@ def benchmark_table(sweep_dir: Path):
 def _fmt(v, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if digits == 0:
+        return str(int(v))
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
@@ -184,15 +196,15 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
                 f"{_fmt(r.utility_before)} → {_fmt(r.utility_after)}"
                 if _fmt(r.utility_after) != "-" else _fmt(r.utility_before))
         lines.append("| " + " | ".join([
-            str(r.attack), str(r.defense), _fmt(r.seed),
+            str(r.attack), str(r.defense), _fmt(r.seed, 0),
             _ci(r.asr_before, r.asr_before_lo, r.asr_before_hi),
             _ci(r.asr_after, r.asr_after_lo, r.asr_after_hi), util, _fmt(r.der),
             _fmt(r.fidelity), _ci(r.auroc, r.auroc_lo, r.auroc_hi), _fmt(r.ap),
             _fmt(r.seconds, 1)]) + " |")
     if len(refused):
-        lines += ["", "Refused cells (the pipeline declined the combination before training "
-                  "its defence):", ""]
-        lines += [f"* {r.attack} × {r.defense} (seed {_fmt(r.seed)}): {r.note}"
+        lines += ["", "Refused cells (the pipeline declined the combination; its one-line "
+                  "reason):", ""]
+        lines += [f"* {r.attack} × {r.defense} (seed {_fmt(r.seed, 0)}): {r.note}"
                   for r in refused.itertuples(index=False)]
     a = accounting
     lines += ["", f"{a['cells']} cells; stage computations: {a['computed']} run, "
