@@ -410,6 +410,24 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_bf16_support(cpuinfo: str | None = None) -> dict:
+    """The CPU's bfloat16 matmul units, from the kernel's CPU flags (Linux; False elsewhere):
+    AMX-BF16 tiles (`amx_bf16`), AVX512-BF16 instructions (`avx512_bf16`), and the vector ISA
+    torch dispatches to. Recorded in the manifest so that a run's speed and its bf16 numerics
+    can be traced to the hardware."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -786,7 +786,9 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     write_manifest(
         out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         base_model={"name_or_path": cfg.model.name_or_path, "path": base_path,
-                    "dtype": str(dtype), "device": device.type, **models.model_info(base_path),
+                    "dtype": str(dtype), "device": device.type,
+                    **({"cpu_bf16": models.cpu_bf16_support()} if device.type == "cpu" else {}),
+                    **models.model_info(base_path),
                     **base_identity},
         poison=poison_info, timings=timings,
         extra={"code_sha256": code_identity(), "safety_mode": mode,

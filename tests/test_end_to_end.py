@@ -181,3 +181,11 @@ def test_each_stage_logs_its_start_end_and_figures(tmp_path, caplog, micro_path)
     assert any(m.startswith("stage poisoned: evaluated: ASR ") for m in lines)
     assert any(m.startswith("stage detect: done in ") for m in lines)
     assert any(m.startswith("run ") and "finished in" in m for m in lines)
+
+
+def test_manifest_records_the_cpu_bf16_units(debug_run):
+    out, _, _ = debug_run
+    base = json.loads((out / "manifest.json").read_text())["base_model"]
+    assert base["device"] == "cpu" and base["dtype"] == "torch.float32"
+    assert set(base["cpu_bf16"]) == {"amx_bf16", "avx512_bf16", "torch_cpu_capability"}
+    assert isinstance(base["cpu_bf16"]["amx_bf16"], bool)

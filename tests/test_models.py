@@ -240,3 +240,15 @@ def test_real_gemma3_builds_generates_and_trains_lora():
                                 max_grad_norm=1.0, length_group=1))
     stats = train_sft(peft_model, tok, tw.sample("finetune", 12, seed=0), cfg, seed=0)
     assert stats.steps == 3 and all(torch.isfinite(torch.tensor(stats.losses)))
+
+
+def test_cpu_bf16_support_reads_the_cpu_flags():
+    from poisonlab.models import cpu_bf16_support
+
+    amx = cpu_bf16_support("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 "
+                           "amx_tile\n")
+    assert amx["amx_bf16"] and amx["avx512_bf16"]
+    plain = cpu_bf16_support("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not plain["amx_bf16"] and not plain["avx512_bf16"]
+    assert cpu_bf16_support("")["amx_bf16"] is False       # no /proc/cpuinfo: nothing claimed
+    assert isinstance(cpu_bf16_support()["torch_cpu_capability"], str)
