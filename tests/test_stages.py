@@ -145,12 +145,13 @@ def test_runs_share_their_prefix_and_reuse_equals_recompute(tmp_path, micro_path
 
 # ----------------------------------------------------------------------------- sweeps
 
-# sweeps test the mechanics, not the backdoor: the least training and evaluation that runs
+# sweeps (the micro defence benchmark, `experiment=defense_benchmark debug=default`, on a
+# smaller grid) test the mechanics, not the backdoor: the least training and evaluation
 SWEEP = (*SMALL, "train.epochs=2", "eval.n_prompts=8", "data.n_train=100")
 
 
 def _sweep(tmp_path, sweep_dir, *overrides, wait=True):
-    cmd = [sys.executable, "-m", "poisonlab.run", "experiment=sweep_grid", *SWEEP,
+    cmd = [sys.executable, "-m", "poisonlab.run", "experiment=defense_benchmark", *SWEEP,
            f"cache.dir={tmp_path / 'store'}", f"hydra.sweep.dir={sweep_dir}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", POISONLAB_QUIET="1")
     if not wait:
