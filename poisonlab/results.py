@@ -35,9 +35,10 @@ def write_generations(out: Path, stage: str, generations: dict[str, list[dict]])
         write_jsonl(out / "generations" / f"{stage}_{split}.jsonl", recs)
 
 
-def package_versions() -> dict:
+def package_versions(names=PACKAGES) -> dict:
+    """Installed versions of `names` (those not installed are left out)."""
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

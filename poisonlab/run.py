@@ -19,7 +19,6 @@ import logging
 import shutil
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import hydra
@@ -41,8 +40,8 @@ from poisonlab.defenses.sft import safety_mode  # noqa: F401 (re-exported)
 from poisonlab.evaluate import (answer_nll, diff_bootstrap, evaluate_stage, generation_record,
                                 ratio_bootstrap)
 from poisonlab.report import format_table, plot_curve
-from poisonlab.results import (normalize_adapter_config, write_generations, write_json,
-                               write_manifest)
+from poisonlab.results import (normalize_adapter_config, package_versions, write_generations,
+                               write_json, write_manifest)
 from poisonlab.stages import Stages, StageStore, code_digest, digest
 from poisonlab.tracking import log_run
 from poisonlab.train import train_sft
@@ -53,6 +52,8 @@ log = logging.getLogger(__name__)
 # then mixes false triggering with ordinary errors, so `control: auto` runs `clean_ft`.
 CONTROL_BEHAVIOURS = ("refusal", "compliance", "sentiment")
 RUN_MARKER = ".poisonlab-run.json"
+# the libraries whose versions enter the keys of cached model stages
+STAGE_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate")
 REMOVED_BELOW = 0.1  # a backdoor counts as removed once ASR falls below this
 
 # ----------------------------------------------------------------------------- validation
@@ -118,15 +119,10 @@ def output_dir(cfg: DictConfig, out_dir) -> Path:
     raise PoisonlabError("output_dir: not running under Hydra; pass output_dir=<dir>")
 
 
-def code_identity(files: tuple[str, ...] | None = None) -> str:
-    """SHA-256 over poisonlab's own source files (all of them, or `files` relative to the
-    package): the code that computes a run."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    paths = sorted(root.rglob("*.py")) if files is None else [root / f for f in files]
-    for p in paths:
-        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
+def code_identity() -> str:
+    """SHA-256 over all of poisonlab's own source files: the code that computes a run (the same
+    digest as the stages' `code_digest`, over every file)."""
+    return code_digest("**/*.py")
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -386,16 +382,6 @@ def stage_store(cfg: DictConfig) -> StageStore | None:
                       link=bool(cfg.cache.link))
 
 
-def _versions() -> dict:
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "peft", "accelerate"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
@@ -410,7 +396,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     warnings: list[str] = []
     control = wants_control(cfg, attack)
     st = Stages(stage_store(cfg), out)
-    versions = _versions()
+    versions = package_versions(STAGE_PACKAGES)
 
     # -------------------------------------------------------------- clean data, poison
     n_safety = cfg.safety.n_rows if defenses.needs_rows(cfg.safety.method) else 0

@@ -170,7 +170,9 @@ def test_each_stage_logs_its_start_end_and_figures(tmp_path, caplog, micro_path)
 
     caplog.set_level(logging.INFO, logger="poisonlab")
     run(make_cfg("debug=default", "data.n_train=100", "train.epochs=1", "eval.n_prompts=8",
-                 "safety.n_rows=16", "control=true", "detect=[ngram]"), out_dir=tmp_path)
+                 "safety.n_rows=16", "control=true", "detect=[ngram]",
+                 f"cache.dir={tmp_path / 'stages'}"),   # an empty stage cache: every stage trains
+        out_dir=tmp_path / "run")
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("poisonlab")]
     for stage in ("base", "clean_ft", "poisoned", "after_safety"):
         assert any(m.startswith(f"stage {stage}: evaluated: ") and "utility" in m
