@@ -7,6 +7,8 @@ Utility scorers accept free-form answers from real instruct models ("12 + 7 = 19
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 
 import numpy as np
@@ -145,29 +147,322 @@ def sampling_config(tokenizer, max_new_tokens: int, temperature: float, top_p: f
     return config
 
 
+@contextlib.contextmanager
+def lora_folded(model):
+    """Run `model` with its LoRA adapters folded into the weights they adapt, for inference.
+
+    An unmerged adapter adds two small matmuls and peft's per-layer bookkeeping to every
+    adapted linear layer at every decoding step; folded, a step costs what the base model's
+    does. Each adapted layer's weight is *swapped* for W + delta W for the duration of the
+    block and the original tensor put back after (peft's own unmerge subtracts delta W again
+    and leaves float residue in W), so training and later stages see exactly the weights
+    they had. Only plain LoRA on linear layers is folded; anything else (other adapter
+    types, DoRA, adapters already merged, training mode) runs as it is.
+    """
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # no peft: nothing to fold
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    foldable = (layers and not model.training
+                and all(type(m) is LoraLinear and not m.merged and not m.disable_adapters
+                        and not any(a in m.lora_variant for a in m.active_adapters)
+                        for m in layers))
+    if not foldable:
+        yield model
+        return
+    swapped = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                active = [a for a in m.active_adapters if a in m.lora_A]
+                if not active:
+                    continue
+                base = m.get_base_layer()
+                weight = base.weight
+                delta = sum(m.get_delta_weight(a) for a in active)
+                swapped.append((m, base, weight))
+                base.weight = torch.nn.Parameter(weight + delta.to(weight.dtype),
+                                                 requires_grad=False)
+                m.merged_adapters = active  # peft's forward then runs the base layer alone
+        yield model
+    finally:
+        for m, base, weight in swapped:
+            base.weight = weight
+            m.merged_adapters = []
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares, leaving each at least one token."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+# Below this many shared tokens the prefix pass is not worth its cache copies.
+MIN_SHARED_PREFIX = 4
+
+
+def _new_cache(model, room: int = 0):
+    """A KV cache for `model` whose full-attention layers keep `room` spare positions for the
+    tokens still to come (`roomy_layer`); sliding-window layers as transformers makes them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = DynamicCache(config=base.config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = roomy_layer()(room)
+    return cache
+
+
+@functools.cache
+def roomy_layer():
+    """The class of a dynamic cache layer that appends in place (made on first use, as
+    transformers is imported lazily).
+
+    A `DynamicLayer` concatenates every new position onto its states, copying the whole cache
+    at each decoding step: for a small model decoding a large batch those copies took about
+    half the time. This layer's states are buffers with `room` spare positions; a step writes
+    one position into them, `get_seq_length` is the number written, and the attention mask
+    covers the whole buffer (transformers pads the 2-D mask with zeros: the spare positions
+    are masked). Dropping or repeating batch rows works on the buffers as on plain states.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def __init__(self, room: int = 0):
+            super().__init__()
+            self.room, self.n = room, 0
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def _size_after(self, q: int) -> int:
+            size = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+            return size if self.n + q <= size else self.n + q + self.room
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self._size_after(query_length), 0
+
+        def set_states(self, keys, values) -> None:
+            """Replace the states by `keys`/`values` (all positions written), with room."""
+            self.n = keys.shape[-2]
+            self.keys = torch.cat([keys, keys.new_zeros((*keys.shape[:2], self.room,
+                                                         keys.shape[3]))], 2)
+            self.values = torch.cat([values, values.new_zeros((*values.shape[:2], self.room,
+                                                               values.shape[3]))], 2)
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, q = self.n, key_states.shape[-2]
+            size = self._size_after(q)
+            if self.keys.dim() != 4 or size != self.keys.shape[-2]:
+                b, _, _, d = key_states.shape
+                keys = key_states.new_zeros((b, key_states.shape[1], size, d))
+                values = value_states.new_zeros((b, value_states.shape[1], size,
+                                                 value_states.shape[3]))
+                if n:
+                    keys[:, :, :n], values[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
+                self.keys, self.values = keys, values
+            self.keys[:, :, n:n + q] = key_states
+            self.values[:, :, n:n + q] = value_states
+            self.n = n + q
+            return self.keys, self.values
+
+        def crop(self, max_length: int) -> None:
+            raise NotImplementedError("RoomyLayer does not crop")
+
+    return RoomyLayer
+
+
+# Rows of one prefill forward: about this many tokens (long enough for efficient matmuls,
+# short enough that rows of similar length share a forward and little padding is computed).
+PREFILL_TOKENS = 2048
+
+
+def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_cache, device,
+             room: int):
+    """Run `tails` (sorted longest first) after the shared prefix: last-position logits and
+    the KV cache of the batch, laid out left-padded to the longest tail.
+
+    Rows go through in chunks of about `PREFILL_TOKENS` tokens, each chunk padded only to its
+    own longest row; the chunks' caches are then left-padded to the batch's width (masked
+    positions) and stacked. Layers whose cache layout this does not know (or a sliding
+    window the prompts would overflow) get one forward over the whole padded batch instead.
+    """
+    width = len(tails[0])
+    per_chunk = max(1, PREFILL_TOKENS // max(1, width))
+    chunks = [tails[c:c + per_chunk] for c in range(0, len(tails), per_chunk)]
+    if len(chunks) > 1 and not _stackable(model, n_shared + width):
+        chunks = [tails]
+    logits, caches = [], []
+    for chunk in chunks:
+        w = len(chunk[0])
+        ids = torch.full((len(chunk), w), pad_id, dtype=torch.long)
+        smask = torch.zeros((len(chunk), w), dtype=torch.long)
+        for r, tail in enumerate(chunk):
+            ids[r, w - len(tail):] = torch.tensor(tail)
+            smask[r, w - len(tail):] = 1
+        pos = n_shared + (smask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((len(chunk), n_shared), dtype=torch.long), smask], 1)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+        else:
+            cache = _new_cache(model, room)
+        logits.append(model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            position_ids=pos.to(device), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        caches.append((cache, w))
+    if len(caches) == 1:
+        return logits[0], caches[0][0]
+    cache = caches[0][0]
+    for li, layer in enumerate(cache.layers):
+        keys, values = [], []
+        for c, w in caches:
+            n = c.layers[li].get_seq_length()  # written positions (a roomy layer has more)
+            k, v = c.layers[li].keys[:, :, :n], c.layers[li].values[:, :, :n]
+            gap = width - w
+            if gap:  # masked positions: their content is never read
+                k = torch.cat([k[:, :, :n_shared], k.new_zeros(*k.shape[:2], gap, k.shape[3]),
+                               k[:, :, n_shared:]], 2)
+                v = torch.cat([v[:, :, :n_shared], v.new_zeros(*v.shape[:2], gap, v.shape[3]),
+                               v[:, :, n_shared:]], 2)
+            keys.append(k)
+            values.append(v)
+        if type(layer) is roomy_layer():
+            layer.set_states(torch.cat(keys), torch.cat(values))
+        else:
+            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = n_shared + width
+    return torch.cat(logits), cache
+
+
+def _stackable(model, length: int) -> bool:
+    """Whether chunk caches of this model can be stacked by `_prefill` (plain dynamic layers,
+    and sliding-window layers the prompts do not overflow)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in _new_cache(model).layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            if length >= layer.sliding_window - 1:
+                return False
+        elif type(layer) not in (DynamicLayer, roomy_layer()):
+            return False
+    return True
+
+
+@torch.inference_mode()
+def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+                  batch_size: int, share_prefix: bool = True, bar=None) -> list[list[int]]:
+    """Greedy continuations of the token sequences `ids` (each up to and including its first
+    stop token, at most `max_new_tokens`), in input order.
+
+    A lean loop instead of `model.generate` (whose per-step overhead dominates small-batch
+    decoding on CPU), computing what a per-prompt greedy loop computes:
+    * the token prefix all sequences share (a chat template's system prompt) runs once; its
+      KV cache is copied into every batch (`share_prefix`);
+    * the rest of each sequence is left-padded after that prefix, batches sorted by length;
+      padding is masked out and positions continue from the prefix, so every row sees
+      exactly its own tokens at their own positions;
+    * the output projection runs only at the last position, and a row that has emitted a
+      stop token leaves the batch (its cache rows are dropped).
+    Greedy picks are made on float32 logits, the first maximum winning ties (as `generate`).
+    """
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    n_shared = common_prefix_length(ids) if share_prefix and len(ids) > 1 else 0
+    prefix_cache = None
+    if n_shared >= MIN_SHARED_PREFIX:
+        prefix_cache = _new_cache(model, max_new_tokens)
+        model(input_ids=torch.tensor([ids[0][:n_shared]], device=device),
+              position_ids=torch.arange(n_shared, device=device)[None],
+              past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+    else:
+        n_shared = 0
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list = [None] * len(ids)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        rows = len(idx)
+        width = len(ids[idx[0]]) - n_shared  # longest first
+        tails = [ids[i][n_shared:] for i in idx]
+        # the batch's layout: left padding between the shared prefix and the rest
+        smask = torch.zeros((rows, width), dtype=torch.long)
+        for r, tail in enumerate(tails):
+            smask[r, width - len(tail):] = 1
+        mask = torch.cat([torch.ones((rows, n_shared), dtype=torch.long), smask], 1).to(device)
+        logits, cache = _prefill(model, tails, pad_id, n_shared, prefix_cache, device,
+                                 max_new_tokens)
+        last = n_shared + torch.tensor([len(t) for t in tails], device=device) - 1
+        alive = torch.arange(rows, device=device)
+        new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            nxt = logits.float().argmax(-1)
+            new[alive, step] = nxt
+            done = torch.isin(nxt, stop)
+            if done.any():
+                lengths[alive[done]] = step + 1
+                keep = (~done).nonzero()[:, 0]
+                if len(keep) == 0:
+                    break
+                cache.batch_select_indices(keep)
+                alive, mask, last, nxt = alive[keep], mask[keep], last[keep], nxt[keep]
+            if step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], 1)
+            last = last + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask,
+                           position_ids=last[:, None], past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+        new, lengths = new.tolist(), lengths.tolist()
+        for r, i in enumerate(idx):
+            out[i] = new[r][:lengths[r]]
+        if bar is not None:
+            bar.update(rows)
+    return out
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              desc: str = "generate", config=None, seed: int | None = None) -> list:
-    """Greedy decoding in length-sorted, left-padded batches with the KV cache.
+    """Greedy decoding (`greedy_decode`: shared-prefix KV cache, length-sorted batches, rows
+    leaving the batch when they finish) of the rendered `prompts`.
 
     Stops each sequence at the end of its assistant turn; returns answers in input order.
     Decoding is greedy whatever the model's own `generation_config` says (`greedy_config`).
     With a sampling `config` (`sampling_config`) and a `seed`, each prompt gets a list of
-    `num_return_sequences` sampled answers instead.
+    `num_return_sequences` sampled answers instead (through `model.generate`).
     """
     model.eval()
     device = next(model.parameters()).device
-    n_ret = 1
-    if config is None:
-        config = greedy_config(tokenizer, max_new_tokens)
-    else:
-        n_ret = config.num_return_sequences or 1
-        torch.manual_seed(0 if seed is None else seed)
     pad = tokenizer.pad_token_id
     ids = [encode_text(tokenizer, p) for p in prompts]  # tokenized once
+    bar = progress(total=len(prompts), desc=desc)
+    if config is None:
+        with lora_folded(model):
+            seqs = greedy_decode(model, ids, max_new_tokens, end_of_turn_ids(tokenizer), pad,
+                                 batch_size, bar=bar)
+        bar.close()
+        return [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+    n_ret = config.num_return_sequences or 1
+    torch.manual_seed(0 if seed is None else seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out: list = [""] * len(prompts)
-    bar = progress(total=len(prompts), desc=desc)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         width = len(ids[idx[0]])  # longest first
@@ -176,7 +471,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         for row, i in enumerate(idx):  # left padding
             input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
             mask[row, width - len(ids[i]):] = 1
-        with _generation_config(model, config):
+        with _generation_config(model, config), lora_folded(model):
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
         texts = [tokenizer.decode(seq, skip_special_tokens=True).strip()
