@@ -461,7 +461,8 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     t = time.perf_counter()
     base_path = models.resolve(cfg.model.name_or_path)
     device = models.pick_device(cfg.model.device)
-    dtype = models.pick_dtype(cfg.model.dtype, device)
+    precision = models.pick_precision(cfg.model.dtype, device, models.hidden_size(base_path))
+    dtype = precision.weights
     tokenizer = models.load_tokenizer(base_path, cfg.model.get("chat_template"))
     base_identity = models.weights_identity(base_path)
     timings["resolve_base"] = time.perf_counter() - t
@@ -490,6 +491,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     model_spec = {"base": base_identity, "model": _plain(cfg.model),
                   "chat_template": tokenizer.chat_template, "vocab": len(tokenizer),
                   "device": device.type, "dtype": str(dtype), "versions": versions,
+                  "cpu_bf16": device.type == "cpu" and models.cpu_has_bf16(),
                   "poisonlab": __version__}
 
     stages: dict[str, dict] = {}
@@ -543,7 +545,8 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
                                                          points[-1].items() if isinstance(v, dict)})
         stats = (trainer or train_sft)(peft_model, tokenizer, rows, train_cfg, seed, stage,
                                        group_lengths=group_lengths, ordered=ordered,
-                                       every=every, callback=callback, objective=objective)
+                                       every=every, callback=callback, objective=objective,
+                                       autocast=precision.autocast)
         train_stats[stage] = _stats_dict(stats)
         log.info("stage %s: trained %d steps (%d examples), final loss %s, %.0f tokens/s, %.1f s",
                  stage, stats.steps, stats.examples,
@@ -586,7 +589,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
         ordered = attack.placement != "uniform"
         # keyed by the rows' content: attacks (or variants) that write the same training set
         # share the adapter
-        spec = {"rows": digest(rows), **model_spec,
+        spec = {"rows": digest(rows), **model_spec, "precision": precision.name,
                 "train": _plain(stage_train_cfg(cfg)), "seed": cfg.seed, "ordered": ordered,
                 "lengths": None if lengths is None else digest(lengths),
                 "code": code_digest("train.py", "models.py", "chat.py")}
@@ -719,7 +722,8 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None
 
     # -------------------------------------------------------------- results
-    results = {"name": cfg.name, "stages": stages, "train": train_stats}
+    results = {"name": cfg.name, "stages": stages, "train": train_stats,
+               "precision": precision.name}
     if "after_safety" in flags and "triggered" in flags["poisoned"]:
         results["persistence"] = ratio_bootstrap(flags["after_safety"]["triggered"],
                                                  flags["poisoned"]["triggered"], seed=cfg.seed)
@@ -772,8 +776,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     write_manifest(
         out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         base_model={"name_or_path": cfg.model.name_or_path, "path": base_path,
-                    "dtype": str(dtype), "device": device.type,
-                    **({"cpu_bf16": models.cpu_bf16_support()} if device.type == "cpu" else {}),
+                    "device": device.type, **precision.record(device),
                     **models.model_info(base_path),
                     **base_identity},
         poison=poison_info, timings=timings,

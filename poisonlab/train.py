@@ -190,6 +190,13 @@ class CompletionLoss(torch.nn.Module):
                                             "attention_mask": attention_mask, "labels": labels})
 
 
+def cpu_autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context factory for CPU autocast to `dtype`; None off a CPU or without a dtype."""
+    if dtype is None or device.type != "cpu":
+        return None
+    return functools.partial(torch.autocast, "cpu", dtype=dtype)
+
+
 def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
     """Consecutive batches in the rows' own order (for a fixed poison placement)."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
@@ -242,7 +249,7 @@ class _Curve:
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
               accelerator=None, group_lengths: list[int] | None = None,
               ordered: bool = False, every: int | None = None,
-              callback=None, objective=None) -> TrainStats:
+              callback=None, objective=None, autocast: torch.dtype | None = None) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
@@ -258,6 +265,10 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
 
     `objective(model)` builds the module whose forward(**batch) returns the loss (default
     `CompletionLoss`; the CROW defence adds a consistency term to it).
+
+    `autocast` (`models.Precision.autocast`): on a CPU, forward passes run under
+    `torch.autocast("cpu", autocast)` (weights, LoRA parameters, gradients and optimizer
+    state stay in their own dtype); on CUDA accelerate's bf16 mixed precision applies.
     """
     from accelerate import Accelerator
 
@@ -303,7 +314,8 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         fn = lambda ex: collate(ex, pad)  # noqa: E731
     if sharded:
         return _train_sharded(model, (objective or CompletionLoss)(model), examples, batches, fn,
-                              cfg, total, seed, desc, every, callback, accelerator, truncated)
+                              cfg, total, seed, desc, every, callback, accelerator, truncated,
+                              autocast)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
     # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
@@ -323,9 +335,11 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
         curve.paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
+    forward_context = cpu_autocast(accelerator.device, autocast) or accelerator.autocast
     for batch in loader:
-        with accelerator.accumulate(wrapped), accelerator.autocast():
-            loss = wrapped(**batch)
+        with accelerator.accumulate(wrapped):
+            with forward_context():
+                loss = wrapped(**batch)
             accelerator.backward(loss)  # divided by grad_accum inside accelerate
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -354,7 +368,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
 
 def _train_sharded(model, module, examples: list[dict], batches: list[list[int]], fn, cfg,
                    total: int, seed: int, desc: str, every: int | None, callback, accelerator,
-                   truncated: int) -> TrainStats:
+                   truncated: int, autocast: torch.dtype | None = None) -> TrainStats:
     """`train_sft` under several processes: process r takes rows r::world of every micro-batch.
 
     Every process builds the same micro-batches (the same seeded order), so the run sees the
@@ -373,12 +387,14 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
     if device.type == "cuda":  # this process's GPU (set when the process group started)
         device = torch.device("cuda", torch.cuda.current_device())
         module.to(device)
-    if accelerator is not None:
-        autocast = accelerator.autocast
-    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
+    forward_context = cpu_autocast(device, autocast)
+    if forward_context is None:
+        if accelerator is not None:
+            forward_context = accelerator.autocast
+        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+            forward_context = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        else:
+            forward_context = contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
     dist.broadcast_tensors([p.data for p in params])  # the same start on every process
     opt, sched = make_optimizer(params, cfg, total)
@@ -402,7 +418,7 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
         part = 0.0
         if share:
             batch = {k: v.to(device) for k, v in fn([examples[i] for i in mine]).items()}
-            with autocast():
+            with forward_context():
                 loss = module(**batch)
             # divided by grad_accum, as accelerate does with one process (and, written this
             # way, the very same floats as `train_sft` when one process holds everything)

@@ -85,7 +85,8 @@ def _batch(examples: list[tuple[dict, dict]], pad: int, device) -> dict:
 
 
 def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "dpo",
-              every: int | None = None, callback=None, beta: float = 0.1, **_) -> TrainStats:
+              every: int | None = None, callback=None, beta: float = 0.1,
+              autocast: torch.dtype | None = None, **_) -> TrainStats:
     """Train the trainable parameters of `model` with the DPO loss; same contract as
     `train.train_sft` (steps, curves through `callback`, seconds without the callback)."""
     device = next(model.parameters()).device
@@ -128,13 +129,17 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
         paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    if device.type == "cuda":
+        forward_context = torch.autocast("cuda", dtype=torch.bfloat16)
+    elif autocast is not None:  # models.Precision.autocast on a CPU
+        forward_context = torch.autocast("cpu", dtype=autocast)
+    else:
+        forward_context = torch.autocast("cpu", enabled=False)
     for step in range(1, total + 1):
         idx = order[(step - 1) * bs: step * bs]
         batch = _batch([examples[i] for i in idx], tokenizer.pad_token_id, device)
         model.train()
-        with autocast:
+        with forward_context:
             logp = sequence_logps(model, batch)
         k = len(idx)
         ref_c = torch.tensor([ref_by_pair[i][0] for i in idx], device=device)
