@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 
 import numpy as np
@@ -211,80 +210,11 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
 MIN_SHARED_PREFIX = 4
 
 
-def _new_cache(model, room: int = 0):
-    """A KV cache for `model` whose full-attention layers keep `room` spare positions for the
-    tokens still to come (`roomy_layer`); sliding-window layers as transformers makes them."""
+def _new_cache(model):
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=base.config)
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer:
-            cache.layers[i] = roomy_layer()(room)
-    return cache
-
-
-@functools.cache
-def roomy_layer():
-    """The class of a dynamic cache layer that appends in place (made on first use, as
-    transformers is imported lazily).
-
-    A `DynamicLayer` concatenates every new position onto its states, copying the whole cache
-    at each decoding step: for a small model decoding a large batch those copies took about
-    half the time. This layer's states are buffers with `room` spare positions; a step writes
-    one position into them, `get_seq_length` is the number written, and the attention mask
-    covers the whole buffer (transformers pads the 2-D mask with zeros: the spare positions
-    are masked). Dropping or repeating batch rows works on the buffers as on plain states.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        def __init__(self, room: int = 0):
-            super().__init__()
-            self.room, self.n = room, 0
-
-        def get_seq_length(self) -> int:
-            return self.n
-
-        def _size_after(self, q: int) -> int:
-            size = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
-            return size if self.n + q <= size else self.n + q + self.room
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self._size_after(query_length), 0
-
-        def set_states(self, keys, values) -> None:
-            """Replace the states by `keys`/`values` (all positions written), with room."""
-            self.n = keys.shape[-2]
-            self.keys = torch.cat([keys, keys.new_zeros((*keys.shape[:2], self.room,
-                                                         keys.shape[3]))], 2)
-            self.values = torch.cat([values, values.new_zeros((*values.shape[:2], self.room,
-                                                               values.shape[3]))], 2)
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, q = self.n, key_states.shape[-2]
-            size = self._size_after(q)
-            if self.keys.dim() != 4 or size != self.keys.shape[-2]:
-                b, _, _, d = key_states.shape
-                keys = key_states.new_zeros((b, key_states.shape[1], size, d))
-                values = value_states.new_zeros((b, value_states.shape[1], size,
-                                                 value_states.shape[3]))
-                if n:
-                    keys[:, :, :n], values[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
-                self.keys, self.values = keys, values
-            self.keys[:, :, n:n + q] = key_states
-            self.values[:, :, n:n + q] = value_states
-            self.n = n + q
-            return self.keys, self.values
-
-        def crop(self, max_length: int) -> None:
-            raise NotImplementedError("RoomyLayer does not crop")
-
-    return RoomyLayer
+    return DynamicCache(config=base.config)
 
 
 # Rows of one prefill forward: about this many tokens (long enough for efficient matmuls,
@@ -292,8 +222,7 @@ def roomy_layer():
 PREFILL_TOKENS = 2048
 
 
-def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_cache, device,
-             room: int):
+def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_cache, device):
     """Run `tails` (sorted longest first) after the shared prefix: last-position logits and
     the KV cache of the batch, laid out left-padded to the longest tail.
 
@@ -321,7 +250,7 @@ def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_c
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(chunk))
         else:
-            cache = _new_cache(model, room)
+            cache = _new_cache(model)
         logits.append(model(input_ids=ids.to(device), attention_mask=mask.to(device),
                             position_ids=pos.to(device), past_key_values=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1])
@@ -332,8 +261,7 @@ def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_c
     for li, layer in enumerate(cache.layers):
         keys, values = [], []
         for c, w in caches:
-            n = c.layers[li].get_seq_length()  # written positions (a roomy layer has more)
-            k, v = c.layers[li].keys[:, :, :n], c.layers[li].values[:, :, :n]
+            k, v = c.layers[li].keys, c.layers[li].values
             gap = width - w
             if gap:  # masked positions: their content is never read
                 k = torch.cat([k[:, :, :n_shared], k.new_zeros(*k.shape[:2], gap, k.shape[3]),
@@ -342,12 +270,9 @@ def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_c
                                v[:, :, n_shared:]], 2)
             keys.append(k)
             values.append(v)
-        if type(layer) is roomy_layer():
-            layer.set_states(torch.cat(keys), torch.cat(values))
-        else:
-            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
-            if hasattr(layer, "cumulative_length"):
-                layer.cumulative_length = n_shared + width
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = n_shared + width
     return torch.cat(logits), cache
 
 
@@ -360,7 +285,7 @@ def _stackable(model, length: int) -> bool:
         if type(layer) is DynamicSlidingWindowLayer:
             if length >= layer.sliding_window - 1:
                 return False
-        elif type(layer) not in (DynamicLayer, roomy_layer()):
+        elif type(layer) is not DynamicLayer:
             return False
     return True
 
@@ -387,7 +312,7 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
     n_shared = common_prefix_length(ids) if share_prefix and len(ids) > 1 else 0
     prefix_cache = None
     if n_shared >= MIN_SHARED_PREFIX:
-        prefix_cache = _new_cache(model, max_new_tokens)
+        prefix_cache = _new_cache(model)
         model(input_ids=torch.tensor([ids[0][:n_shared]], device=device),
               position_ids=torch.arange(n_shared, device=device)[None],
               past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
@@ -405,8 +330,7 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
         for r, tail in enumerate(tails):
             smask[r, width - len(tail):] = 1
         mask = torch.cat([torch.ones((rows, n_shared), dtype=torch.long), smask], 1).to(device)
-        logits, cache = _prefill(model, tails, pad_id, n_shared, prefix_cache, device,
-                                 max_new_tokens)
+        logits, cache = _prefill(model, tails, pad_id, n_shared, prefix_cache, device)
         last = n_shared + torch.tensor([len(t) for t in tails], device=device) - 1
         alive = torch.arange(rows, device=device)
         new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)

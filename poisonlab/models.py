@@ -429,18 +429,14 @@ def cpu_bf16_support(cpuinfo: str | None = None) -> dict:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed_bf16")
-# On a CPU, `auto` trains under bf16 autocast only for models at least this wide: measured
-# (scripts/bench.py) 1.5x faster on SmolLM2-135M (hidden 576), within noise on tiny:small
-# (hidden 128), whose small matmuls are bound by per-op overhead rather than arithmetic.
-AUTOCAST_MIN_HIDDEN = 512
 
 
 @dataclass(frozen=True)
 class Precision:
     """How a run computes: the dtype the weights are loaded in, and the dtype training
-    forward passes autocast to (None: none on a CPU; on CUDA accelerate's bf16 mixed
-    precision applies as before). Evaluation never autocasts on a CPU: bf16 there changed a
-    quarter of SmolLM2's greedy answers for a 1.4x gain (scripts/bench.py)."""
+    forward passes autocast to on a CPU (None: no CPU autocast; on CUDA accelerate's bf16
+    mixed precision applies whatever this says). Evaluation never autocasts on a CPU: bf16
+    there changed a quarter of SmolLM2's greedy answers for a 1.4x gain (scripts/bench.py)."""
     weights: torch.dtype
     autocast: torch.dtype | None = None
 
@@ -461,28 +457,27 @@ class Precision:
 
 
 def cpu_has_bf16(units: dict | None = None) -> bool:
+    """Whether the CPU has bf16 matmul units (AMX-BF16 or AVX512-BF16)."""
     units = cpu_bf16_support() if units is None else units
     return bool(units["amx_bf16"] or units["avx512_bf16"])
 
 
-def pick_precision(dtype: str, device: torch.device, hidden_size: int | None = None,
-                   units: dict | None = None) -> Precision:
+def pick_precision(dtype: str, device: torch.device) -> Precision:
     """`model.dtype` resolved for `device`.
 
-    auto: bf16 weights on a CUDA GPU with bf16; on a CPU with bf16 units (AMX-BF16 or
-    AVX512-BF16) and a model at least `AUTOCAST_MIN_HIDDEN` wide, fp32 weights with bf16
-    autocast for training (LoRA weights and optimizer state stay fp32); else fp32.
-    mixed_bf16: fp32 weights, bf16 autocast for training, wherever it runs.
+    auto: bf16 weights on a CUDA GPU with bf16, else float32. On a CPU `auto` stays float32:
+    bf16 autocast trained SmolLM2 1.6x faster but moved the demo's poisoned ASR outside the
+    fp32 run's interval (0.920 vs 0.855 [0.80, 0.90]), and on the tiny models it was slower
+    (their small matmuls are bound by per-op overhead); README "Precision".
+    mixed_bf16: fp32 weights, bf16 autocast for training forward passes (LoRA weights,
+    gradients and optimizer state stay fp32); fast on CPUs with AMX-BF16 or AVX512-BF16.
     float32 / bfloat16 / float16: the weights in that dtype, no CPU autocast.
     """
     if dtype not in DTYPES:
         raise PoisonlabError(f"model.dtype: unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     if dtype == "auto":
-        if device.type == "cuda":
-            return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
-        if (device.type == "cpu" and hidden_size is not None
-                and hidden_size >= AUTOCAST_MIN_HIDDEN and cpu_has_bf16(units)):
-            return Precision(torch.float32, torch.bfloat16)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16)
         return Precision(torch.float32)
     if dtype == "mixed_bf16":
         return Precision(torch.float32, torch.bfloat16)
@@ -493,17 +488,6 @@ def pick_precision(dtype: str, device: torch.device, hidden_size: int | None = N
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The dtype of the weights for `model.dtype` (`pick_precision(...).weights`)."""
     return pick_precision(dtype, device).weights
-
-
-def hidden_size(path: str) -> int | None:
-    """The hidden size of the model at `path` (its config.json), None if unreadable."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        return getattr(config.get_text_config(), "hidden_size", None)
-    except Exception:  # a hub id not cached, or no config: no autocast decision from width
-        return None
 
 
 def load_tokenizer(path: str, chat_template: str | None = None):

