@@ -9,8 +9,8 @@ Every figure is printed with its goal. Parts:
   default   default tiny experiment wall time, base model cached, stage cache off
   train     LoRA training tokens/s on SmolLM2-135M: poisonlab's loop in fp32 (as the pipeline
             runs it: random batches, each packed into block-diagonal rows, logits only where
-            the loss is taken), the same loop under CPU bf16 autocast (what `model.dtype=auto`
-            picks on a CPU with bf16 units; speed, loss gap to fp32), and a plain
+            the loss is taken), the same loop under CPU bf16 autocast (`model.dtype=mixed_bf16`;
+            speed, loss gap to fp32), and a plain
             transformers.Trainer recipe (padding collator) on the same model, examples, LoRA
             config, batch size and steps; model-FLOPs utilisation against this machine's
             measured fp32 and bf16 matmul peaks
@@ -144,7 +144,7 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
     ours_tps = st.tokens / st.seconds
     ours_flops = _train_flops(m.get_base_model(), st.tokens, st.supervised_tokens, sq)
     # --- the same loop under CPU bf16 autocast (fp32 weights, LoRA parameters and optimizer
-    # state): what `model.dtype=auto` picks on a CPU with bf16 units for a model this wide
+    # state): `model.dtype=mixed_bf16`
     m = fresh()
     st_bf16 = train_sft(m, tok, rows, tcfg, seed=0, autocast=torch.bfloat16)
     autocast_tps = st_bf16.tokens / st_bf16.seconds
@@ -185,7 +185,7 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
           f"Trainer {r['trainer_mfu_credited_all_logits']:.0%} "
           f"(peak {peak / 1e9:.0f} GFLOP/s fp32 matmul); poisonlab against the bf16 matmul "
           f"peak ({peak_bf16 / 1e9:.0f} GFLOP/s): {r['poisonlab_mfu_vs_bf16_peak']:.0%}")
-    print(f"[train] same loop under CPU bf16 autocast (model.dtype=auto here): {autocast_tps:.0f} "
+    print(f"[train] same loop under CPU bf16 autocast (model.dtype=mixed_bf16): {autocast_tps:.0f} "
           f"tok/s = {r['autocast_bf16_speedup']:.2f}x the fp32 loop (goal >= 3x, about 800 tok/s); "
           f"MFU {r['autocast_bf16_mfu_vs_fp32_peak']:.0%} of the fp32 peak, "
           f"{r['autocast_bf16_mfu_vs_bf16_peak']:.0%} of the bf16 peak; largest per-step loss gap "
@@ -195,28 +195,11 @@ def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
 
 def _previous_batched(model, tok, prompts, max_new, batch):
     """poisonlab's previous batched decoding (the baseline of the decoder's goal): `generate`
-    on length-sorted, left-padded batches, LoRA unfolded."""
-    from poisonlab.chat import encode_text
-    from poisonlab.evaluate import _generation_config, greedy_config
+    on length-sorted, left-padded batches. `evaluate.generate` still takes that path when
+    given an explicit generation config (it exists for sampling); a greedy one reproduces it."""
+    from poisonlab.evaluate import generate, greedy_config
 
-    config = greedy_config(tok, max_new)
-    ids = [encode_text(tok, p) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out = [""] * len(ids)
-    with torch.inference_mode():
-        for s in range(0, len(order), batch):
-            idx = order[s:s + batch]
-            width = len(ids[idx[0]])
-            x = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for r, i in enumerate(idx):
-                x[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[r, width - len(ids[i]):] = 1
-            with _generation_config(model, config):
-                gen = model.generate(input_ids=x, attention_mask=mask, generation_config=config)
-            for r, i in enumerate(idx):
-                out[i] = tok.decode(gen[r, width:], skip_special_tokens=True).strip()
-    return out
+    return generate(model, tok, prompts, max_new, batch, config=greedy_config(tok, max_new))
 
 
 def bench_eval(out: dict, model_name: str, n: int, batch: int) -> None:
