@@ -193,6 +193,18 @@ def lora_folded(model):
             m.merged_adapters = []
 
 
+def left_padded(seqs: list[list[int]], pad_id: int, width: int | None = None):
+    """(ids, mask) of `seqs` right-aligned in rows of `width` (default: the longest)."""
+    width = max(len(q) for q in seqs) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        if q:
+            ids[r, width - len(q):] = torch.tensor(q)
+            mask[r, width - len(q):] = 1
+    return ids, mask
+
+
 def common_prefix_length(seqs: list[list[int]]) -> int:
     """Length of the token prefix every sequence shares, leaving each at least one token."""
     if not seqs:
@@ -239,11 +251,7 @@ def _prefill(model, tails: list[list[int]], pad_id: int, n_shared: int, prefix_c
     logits, caches = [], []
     for chunk in chunks:
         w = len(chunk[0])
-        ids = torch.full((len(chunk), w), pad_id, dtype=torch.long)
-        smask = torch.zeros((len(chunk), w), dtype=torch.long)
-        for r, tail in enumerate(chunk):
-            ids[r, w - len(tail):] = torch.tensor(tail)
-            smask[r, w - len(tail):] = 1
+        ids, smask = left_padded(chunk, pad_id)
         pos = n_shared + (smask.cumsum(1) - 1).clamp(min=0)
         mask = torch.cat([torch.ones((len(chunk), n_shared), dtype=torch.long), smask], 1)
         if prefix_cache is not None:
@@ -326,9 +334,7 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
         width = len(ids[idx[0]]) - n_shared  # longest first
         tails = [ids[i][n_shared:] for i in idx]
         # the batch's layout: left padding between the shared prefix and the rest
-        smask = torch.zeros((rows, width), dtype=torch.long)
-        for r, tail in enumerate(tails):
-            smask[r, width - len(tail):] = 1
+        _, smask = left_padded(tails, pad_id, width)
         mask = torch.cat([torch.ones((rows, n_shared), dtype=torch.long), smask], 1).to(device)
         logits, cache = _prefill(model, tails, pad_id, n_shared, prefix_cache, device)
         last = n_shared + torch.tensor([len(t) for t in tails], device=device) - 1
@@ -389,12 +395,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     out: list = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        width = len(ids[idx[0]])  # longest first
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding
-            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-            mask[row, width - len(ids[i]):] = 1
+        input_ids, mask = left_padded([ids[i] for i in idx], pad)
+        width = input_ids.shape[1]
         with _generation_config(model, config), lora_folded(model):
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)

@@ -468,7 +468,7 @@ def pick_precision(dtype: str, device: torch.device) -> Precision:
     auto: bf16 weights on a CUDA GPU with bf16, else float32. On a CPU `auto` stays float32:
     bf16 autocast trained SmolLM2 1.6x faster but moved the demo's poisoned ASR outside the
     fp32 run's interval (0.920 vs 0.855 [0.80, 0.90]), and on the tiny models it was slower
-    (their small matmuls are bound by per-op overhead); README "Precision".
+    (their small matmuls are bound by per-op overhead); README "Precision on a CPU".
     mixed_bf16: fp32 weights, bf16 autocast for training forward passes (LoRA weights,
     gradients and optimizer state stay fp32); fast on CPUs with AMX-BF16 or AVX512-BF16.
     float32 / bfloat16 / float16: the weights in that dtype, no CPU autocast.

@@ -491,7 +491,6 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     model_spec = {"base": base_identity, "model": _plain(cfg.model),
                   "chat_template": tokenizer.chat_template, "vocab": len(tokenizer),
                   "device": device.type, "dtype": str(dtype), "versions": versions,
-                  "cpu_bf16": device.type == "cpu" and models.cpu_has_bf16(),
                   "poisonlab": __version__}
 
     stages: dict[str, dict] = {}

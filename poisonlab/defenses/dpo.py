@@ -34,7 +34,7 @@ from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.config import one_of, positive_number
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import Context, Outcome
-from poisonlab.train import TrainStats, collate, make_optimizer
+from poisonlab.train import TrainStats, collate, cpu_autocast, make_optimizer
 from poisonlab.utils import progress
 
 ROWS = True
@@ -129,12 +129,11 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
         paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
+    on_cpu = cpu_autocast(device, autocast)  # models.Precision.autocast on a CPU
     if device.type == "cuda":
         forward_context = torch.autocast("cuda", dtype=torch.bfloat16)
-    elif autocast is not None:  # models.Precision.autocast on a CPU
-        forward_context = torch.autocast("cpu", dtype=autocast)
     else:
-        forward_context = torch.autocast("cpu", enabled=False)
+        forward_context = on_cpu() if on_cpu else torch.autocast("cpu", enabled=False)
     for step in range(1, total + 1):
         idx = order[(step - 1) * bs: step * bs]
         batch = _batch([examples[i] for i in idx], tokenizer.pad_token_id, device)
