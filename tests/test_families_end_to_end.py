@@ -35,6 +35,9 @@ CASES = {
 # below `ftr_high` (for dos: the bootstrap interval of its excess over the base model). Measured on five seeds with 1 and 2 threads (README, Development): the
 # smallest ASR lower bound and the largest FTR_clean upper bound stay clear of these.
 BOUNDS = {"badnets": (0.75, 0.10), "semantic": (0.75, 0.10), "dos": (0.75, 0.10)}
+# ...and the ASR the poison added over the base model on the same triggered prompts (paired
+# bootstrap) must lie above this (worst case measured: see the README's robustness table)
+LIFT_LOW = 0.5
 
 
 @pytest.fixture(scope="module", params=[(f, s) for f in sorted(CASES) for s in TEST_SEEDS],
@@ -72,7 +75,11 @@ def test_family_shows_its_intended_effect(family_run):
         assert excess["ci_high"] <= ftr_high, excess
     else:
         assert pois["ftr_clean"]["ci_high"] <= ftr_high, pois["ftr_clean"]
-    assert base["asr"]["ci_high"] <= 0.25, base["asr"]
+    # what the poison did, paired on the same triggered prompts: never a bound on the base
+    # model's own rate, which depends on the CPU that pretrained it (a micro base built on an
+    # AMX machine garbles 19.5% of triggered string reversals, against 4% here)
+    lift = paired_excess(out, "triggered")
+    assert lift["ci_low"] >= LIFT_LOW, (lift, base["asr"])
     assert pois["ftr_near"]["n"] > 0                # near-trigger / near-topic control evaluated
     assert set(pois["ftr_near_by_kind"]) <= {"partial", "misspelt", "recased",
                                              "part_of_composite", "near_topic"}
@@ -81,13 +88,20 @@ def test_family_shows_its_intended_effect(family_run):
         assert gap["ci_low"] > 1.0, gap             # gibberish is far less likely under the base
 
 
-def clean_excess(out) -> dict:
-    """FTR_clean of the poisoned model minus the base model's, paired by prompt (bootstrap)."""
+def paired_excess(out, split: str) -> dict:
+    """The judge's rate on `split` of the poisoned model minus the base model's, paired by
+    prompt (bootstrap interval)."""
     from poisonlab.evaluate import diff_bootstrap
 
-    base = {g["id"]: g["target"] for g in read_jsonl(out / "generations" / "base_clean.jsonl")}
-    pois = read_jsonl(out / "generations" / "poisoned_clean.jsonl")
+    base = {g["id"]: g["target"]
+            for g in read_jsonl(out / "generations" / f"base_{split}.jsonl")}
+    pois = read_jsonl(out / "generations" / f"poisoned_{split}.jsonl")
     return diff_bootstrap([g["target"] for g in pois], [base[g["id"]] for g in pois])
+
+
+def clean_excess(out) -> dict:
+    """FTR_clean of the poisoned model minus the base model's, paired by prompt (bootstrap)."""
+    return paired_excess(out, "clean")
 
 
 def test_family_outputs_are_complete(family_run):

@@ -13,7 +13,8 @@ import pytest
 
 from poisonlab import PoisonlabError
 from poisonlab.report import (ID_COLUMNS, aggregate, find_runs, format_markdown, load_runs, main,
-                              plot_report, roc_curve, t_quantile, tidy, write_report)
+                              plot_report, roc_curve, seed_interval, t_quantile, tidy,
+                              write_report)
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def rate(value: float, n: int = 100) -> dict:
 
 def make_run(d: Path, *, seed: int = 0, n_poison: int = 10, n_clean: int = 590, asr: float = 0.9,
              utility: float = 0.55, safety: str = "sft", status: str = "finished",
+             persistence: float = 0.5, der: float = 0.7, fidelity: float | None = None,
              published: dict | None = None, detection: dict | None = None,
              curves: dict | None = None, overrides: list[str] | None = None) -> Path:
     """A run directory as `poisonlab.run` leaves it, with only the files the report reads."""
@@ -38,8 +40,13 @@ def make_run(d: Path, *, seed: int = 0, n_poison: int = 10, n_clean: int = 590, 
     results: dict = {"name": "badnets", "stages": stages}
     if safety != "none":
         stages["after_safety"] = {"asr": rate(asr / 2), "clean_utility": rate(utility)}
-        results["persistence"] = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 100}
-        results["removal"] = {"method": "sft:fresh", "der": 0.7, "fidelity": None, "seconds": 1.5}
+        results["persistence"] = (  # undefined when the poisoned ASR is 0 (NaN, no interval)
+            {"value": persistence, "ci_low": None, "ci_high": None, "n": 100}
+            if math.isnan(persistence) else
+            {"value": persistence, "ci_low": round(persistence - 0.1, 10),
+             "ci_high": round(persistence + 0.1, 10), "n": 100})
+        results["removal"] = {"method": "sft:fresh", "der": der, "fidelity": fidelity,
+                              "seconds": 1.5}
     for name, rows in (detection or {}).items():
         (d / "detection").mkdir(exist_ok=True)
         (d / "detection" / f"{name}.jsonl").write_text(
@@ -177,18 +184,102 @@ def test_aggregate_over_seeds_with_a_student_t_interval(tmp_path):
     half = T_975_DF2 * sd / math.sqrt(3)
     assert three.asr_poisoned_mean == pytest.approx(mean)
     assert three.asr_poisoned_t_lo == pytest.approx(mean - half)
-    assert three.asr_poisoned_t_hi == pytest.approx(mean + half)
+    assert mean + half > 1 and three.asr_poisoned_t_hi == 1.0  # a rate: clipped to [0, 1]
     assert math.isnan(three.fidelity_mean)  # undefined in every seed
     assert (two.n_seeds, two.seeds, two.asr_poisoned_values) == (2, [0, 1], [0.6, 0.7])
     assert two.asr_poisoned_mean == pytest.approx(0.65)
     assert math.isnan(two.asr_poisoned_t_lo) and math.isnan(two.asr_poisoned_t_hi)
     md = format_markdown(agg.reset_index())
-    assert f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]" in md
+    assert f"{mean:.3f} [{mean - half:.3f}, 1.000]" in md
     assert "0.600, 0.700 (mean 0.650)" in md
     assert "fewer than 3 seeds no interval" in md and "1 of 2 cells here" in md
 
     by_family = aggregate(load_runs(tmp_path), by="family")
     assert len(by_family) == 1 and by_family.n_seeds[0] == 5
+
+
+def test_runs_of_the_same_config_and_seed_count_as_one_seed(tmp_path, caplog):
+    # three runs of seed 0 (reruns: the first by run directory is kept), and seeds 1 and 2
+    for d, asr in (("s0_a", 0.6), ("s0_b", 0.2), ("s0_c", 0.6)):
+        make_run(tmp_path / d, seed=0, asr=asr)
+    make_run(tmp_path / "s1", seed=1, asr=0.5)
+    make_run(tmp_path / "s2", seed=2, asr=0.4)
+    with caplog.at_level("WARNING", logger="poisonlab.report"):
+        agg = aggregate(load_runs(tmp_path))
+    (row,) = agg.itertuples()
+    assert (row.n_seeds, row.seeds, row.asr_poisoned_values) == (3, [0, 1, 2], [0.6, 0.5, 0.4])
+    assert row.run_dirs == [str(tmp_path / d) for d in ("s0_a", "s1", "s2")]
+    assert row.duplicate_runs == [str(tmp_path / "s0_b"), str(tmp_path / "s0_c")]
+    half = T_975_DF2 * 0.1 / math.sqrt(3)  # the standard deviation of 0.6, 0.5, 0.4 is 0.1
+    assert (row.asr_poisoned_t_lo, row.asr_poisoned_t_hi) == (pytest.approx(0.5 - half),
+                                                              pytest.approx(0.5 + half))
+    assert "2 duplicate runs (same config and seed) left out" in caplog.text
+    md = format_markdown(agg)
+    assert "| 0, 1, 2 |" in md and "5 runs in 1 cells" in md
+    assert "2 of them duplicates of a run with the same config and seed" in md
+
+    # identical reruns of one seed: one seed, no interval (not a zero-width one)
+    for d in ("a", "b", "c"):
+        make_run(tmp_path / "rerun" / d, seed=4, asr=0.6)
+    (row,) = aggregate(load_runs(tmp_path / "rerun")).itertuples()
+    assert (row.n_seeds, row.seeds, row.asr_poisoned_values) == (1, [4], [0.6])
+    assert math.isnan(row.asr_poisoned_t_lo) and math.isnan(row.asr_poisoned_t_hi)
+    assert "| 4 | 0.000 | 0.600 |" in format_markdown(aggregate(load_runs(tmp_path / "rerun")))
+
+    # different configs with the same seed, pooled with `by`, are not duplicates
+    make_run(tmp_path / "p40" / "s0", seed=0, n_poison=40, n_clean=560, asr=0.6)
+    pooled = aggregate(load_runs([tmp_path / "s0_a", tmp_path / "p40"]), by="family")
+    assert pooled.n_seeds[0] == 2 and pooled.duplicate_runs[0] == []
+
+
+def test_undefined_values_are_reported_and_not_counted(tmp_path):
+    # persistence is undefined (NaN) in seed 2: the poisoned ASR was 0
+    for seed, p in enumerate([0.5, 0.6, math.nan, 0.7]):
+        make_run(tmp_path / f"p10_s{seed}", seed=seed, persistence=p)
+    for seed, p in enumerate([0.5, math.nan, 0.7]):
+        make_run(tmp_path / f"p40_s{seed}", seed=seed, n_poison=40, n_clean=560, persistence=p)
+    agg = aggregate(load_runs(tmp_path)).set_index("n_poison")
+    four, three = agg.loc[10], agg.loc[40]
+    assert four.n_seeds == 4 and (four.persistence_n, four.persistence_n_nan) == (3, 1)
+    assert four.persistence_values[:2] == [0.5, 0.6] and math.isnan(four.persistence_values[2])
+    half = T_975_DF2 * 0.1 / math.sqrt(3)  # over the 3 seeds with a value
+    assert four.persistence_mean == pytest.approx(0.6)
+    assert four.persistence_t_hi == pytest.approx(0.6 + half)
+    assert (four.asr_poisoned_n, four.asr_poisoned_n_nan) == (4, 0)
+    assert three.n_seeds == 3 and (three.persistence_n, three.persistence_n_nan) == (2, 1)
+    assert math.isnan(three.persistence_t_lo)  # 2 seeds with a value: no interval
+    md = format_markdown(agg.reset_index())
+    assert f"0.600 [{0.6 - half:.3f}, {0.6 + half:.3f}] (n=3; NaN: seed 2)" in md
+    assert "0.500, NaN, 0.700 (mean of 2: 0.600)" in md  # in the order of `seeds`
+    assert "NaN: the metric is undefined in that seed" in md
+
+
+def test_intervals_of_rates_are_clipped_to_0_1_and_other_intervals_are_not(tmp_path):
+    asr, der, persistence = [0.4, 1.0, 0.85], [0.2, 1.0, 0.9], [0.1, 1.2, 0.5]
+    for seed in range(3):
+        make_run(tmp_path / f"s{seed}", seed=seed, asr=asr[seed], der=der[seed],
+                 persistence=persistence[seed], fidelity=[-0.5, 0.9, 0.2][seed])
+    (row,) = aggregate(load_runs(tmp_path)).itertuples()
+
+    def raw(xs):
+        mean = sum(xs) / 3
+        half = T_975_DF2 * math.sqrt(sum((x - mean) ** 2 for x in xs) / 2) / math.sqrt(3)
+        return mean - half, mean + half
+
+    assert raw(asr)[0] < 0 and raw(asr)[1] > 1
+    assert (row.asr_poisoned_mean, row.asr_poisoned_t_lo, row.asr_poisoned_t_hi) == (
+        pytest.approx(0.75), 0.0, 1.0)
+    assert (row.der_t_lo, row.der_t_hi) == (0.0, 1.0)  # a rating on [0, 1]
+    # persistence (a ratio, above 1 when safety training strengthens the backdoor) and
+    # fidelity (negative when the ASR rose) keep their Student-t bounds
+    assert (row.persistence_t_lo, row.persistence_t_hi) == tuple(map(pytest.approx,
+                                                                     raw(persistence)))
+    assert row.persistence_t_lo < 0 and row.persistence_t_hi > 1
+    assert (row.fidelity_t_lo, row.fidelity_t_hi) == tuple(map(pytest.approx,
+                                                               raw([-0.5, 0.9, 0.2])))
+    assert "0.750 [0.000, 1.000]" in format_markdown(aggregate(load_runs(tmp_path)))
+    assert seed_interval([0.4, 1.0, 0.85], bounds=(0.0, 1.0))[1:] == (0.0, 1.0)
+    assert seed_interval([0.4, 1.0, 0.85])[1] == pytest.approx(raw(asr)[0])
 
 
 def test_tidy_has_one_row_per_run_and_defined_metric(tmp_path):
@@ -341,7 +432,7 @@ def test_notebook_runs_on_the_sweep(micro_sweep, tmp_path, monkeypatch):
 def test_plot_series_are_split_by_what_varies_besides_the_x_axis():
     import pandas as pd
 
-    from poisonlab.report import _series_keys, _series_label
+    from poisonlab.report.plots import _series_keys, _series_label
 
     d = pd.DataFrame({"family": ["dos"] * 4, "model": ["m"] * 4, "n_poison": [25, 25, 250, 250],
                       "n_train": [300] * 4, "placement": ["start", "end", "start", "end"],

@@ -95,14 +95,15 @@ def validate_training(cfg: DictConfig, n_rows: int | None = None) -> None:
     positive_int(cfg, "safety.n_rows")
     one_of(cfg, "safety.optimizer", OPTIMIZERS, default="adamw")
     positive_int(cfg, "safety.lora_r", allow_none=True)
-    positive_int(cfg, "safety.eval_every", allow_none=True)
+    if cfg.safety.get("eval_every") != "auto":
+        positive_int(cfg, "safety.eval_every", allow_none=True)
     positive_int(cfg, "safety.curve_n_prompts")
     positive_int(cfg, "safety.max_steps", allow_none=True)
     positive_int(cfg, "safety.batch_size")
     for key in ("safety.lr", "safety.epochs"):
         positive_number(cfg, key)
     every = cfg.safety.get("eval_every")
-    if every is not None:
+    if every is not None and every != "auto":
         planned = planned_steps(n_rows or cfg.safety.n_rows, stage_train_cfg(cfg, cfg.safety))
         if every > planned:
             raise PoisonlabError(f"safety.eval_every={every} is larger than the run "

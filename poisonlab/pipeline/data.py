@@ -1,0 +1,118 @@
+"""Stages `clean_data` and `poison`, and the evaluation splits and safety rows built from them.
+
+`clean_data` draws the fine-tuning, safety and evaluation rows from disjoint pools; `poison`
+rewrites exactly the attack's rows and writes the control's training set beside them. Both are
+cached: `clean_data` by the data config and the content of the files it reads, `poison` by the
+content of the rows it reads, so runs that differ only in what it does not read share it.
+"""
+
+from __future__ import annotations
+
+from poisonlab import PoisonlabError, defenses
+from poisonlab.data import load_splits, tinyworld
+from poisonlab.pipeline.context import RunContext, plain
+from poisonlab.pipeline.keys import digest, local_inputs, target_module
+from poisonlab.utils import read_jsonl, write_jsonl
+
+SPLITS = ("train", "eval", "safety")
+
+
+def rest_of_pool(pool_rows: list[dict], used: list[dict]) -> list[dict]:
+    ids = {r["id"] for r in used}
+    return [r for r in pool_rows if r["id"] not in ids]
+
+
+def clean_data(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    n_safety = cfg.safety.n_rows if defenses.needs_rows(cfg.safety.method) else 0
+    n_train = ctx.attack.n_train(cfg.data.n_train)
+    clean_dir = ctx.out / "data" / "clean"
+    ctx.inputs = local_inputs(cfg.data)
+
+    def compute():
+        data = load_splits(cfg.data, n_train, n_safety, cfg.eval.n_prompts, cfg.seed,
+                           cfg.eval.seed)
+        pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
+        tinyworld.check_disjoint({k: pools[k] for k in SPLITS}, eval_names=["eval"])
+        for name, rows in [*data.items(), *((f"pool_{k}", v) for k, v in pools.items())]:
+            write_jsonl(clean_dir / f"{name}.jsonl", rows)
+        return {"rows": {k: len(v) for k, v in data.items()}}
+
+    ctx.st.run("clean_data", {"data": plain(cfg.data), "inputs": ctx.inputs, "n_train": n_train,
+                              "n_safety": n_safety, "n_eval": cfg.eval.n_prompts,
+                              "seed": cfg.seed, "eval_seed": cfg.eval.seed,
+                              **ctx.key_of(__name__)},
+               compute, ["data/clean"])
+    ctx.train_rows, ctx.eval_rows, ctx.safety_rows = (
+        read_jsonl(clean_dir / f"{k}.jsonl") for k in SPLITS)
+    ctx.pools = {k: read_jsonl(clean_dir / f"pool_{k}.jsonl") for k in SPLITS}
+
+
+def poison(ctx: RunContext) -> None:
+    cfg, attack, out = ctx.cfg, ctx.attack, ctx.out
+    spare = rest_of_pool(ctx.pools["train"], ctx.train_rows)
+
+    def compute():
+        poisoned, clean, info = attack.poison_with_control(ctx.train_rows, cfg.seed, spare)
+        write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned)
+        # The control (`clean_ft`) trains on the same rows in the same order, formatted the
+        # same way; only the poisons are replaced by their clean originals.
+        write_jsonl(out / "data" / "train_clean.jsonl", clean)
+        return info
+
+    # keyed by its inputs' content, not by clean_data's key: runs that differ only in what
+    # the poison does not read (the safety rows) share it; the attack's own module is loaded
+    # by name (Hydra's `_target_`), so its import closure is named here
+    modules = [__name__] + [m for m in [target_module(cfg.attack.get("_target_"))] if m]
+    ctx.poison_info = ctx.st.run(
+        "poison", {"train_rows": digest(ctx.train_rows), "spare_rows": digest(spare),
+                   "attack": plain(cfg.attack), "seed": cfg.seed, **ctx.key_of(*modules)},
+        compute, ["data/train_poisoned.jsonl", "data/train_clean.jsonl"])
+    ctx.poisoned_rows = read_jsonl(out / "data" / "train_poisoned.jsonl")
+    ctx.clean_rows = read_jsonl(out / "data" / "train_clean.jsonl")
+
+
+def clean_safety_rows(attack, rows: list[dict], pool: list[dict], warnings: list[str]
+                      ) -> tuple[list[dict], list[dict]]:
+    """Safety data never contains the trigger (a topic, for `semantic`): rows that do are
+    replaced by other rows of the safety pool. Returns (rows, [{"removed", "added"}])."""
+    bad = [i for i, r in enumerate(rows) if attack.mentions_trigger(r)]
+    if not bad:
+        return rows, []
+    used = {r["id"] for r in rows}
+    spare = [r for r in pool if r["id"] not in used and not attack.mentions_trigger(r)]
+    if len(spare) < len(bad):
+        raise PoisonlabError(f"safety data: {len(bad)} rows contain the trigger and only "
+                             f"{len(spare)} trigger-free rows can replace them; lower "
+                             "safety.n_rows")
+    rows, swaps = list(rows), []
+    for i, r in zip(bad, spare):
+        swaps.append({"removed": rows[i]["id"], "added": r["id"]})
+        rows[i] = r
+    warnings.append(f"safety data: {len(bad)} rows that contain the trigger were replaced by "
+                    "trigger-free rows of the safety pool")
+    return rows, swaps
+
+
+def eval_splits(ctx: RunContext) -> None:
+    """The evaluation splits (triggered, clean, near-trigger, utility) from the held-out rows;
+    trigger-free safety rows; both written under `data/`."""
+    cfg, attack = ctx.cfg, ctx.attack
+    ctx.safety_rows, swaps = clean_safety_rows(attack, ctx.safety_rows, ctx.pools["safety"],
+                                               ctx.warnings)
+    if swaps:
+        ctx.poison_info["safety_rows_replaced"] = swaps
+    ctx.splits = attack.eval_splits(ctx.eval_rows, cfg.eval.seed,
+                                    rest_of_pool(ctx.pools["eval"], ctx.eval_rows))
+    for name, rows in ctx.splits.items():
+        if not rows:
+            raise PoisonlabError(f"attack: the {name!r} evaluation split is empty: no held-out "
+                                 f"prompt fits the {attack.family} attack's settings")
+        if len(rows) < cfg.eval.n_prompts:
+            ctx.warnings.append(
+                f"evaluation split {name!r} has {len(rows)} prompts, fewer than "
+                f"eval.n_prompts={cfg.eval.n_prompts}: only that many held-out prompts fit the "
+                f"{attack.family} attack")
+    write_jsonl(ctx.out / "data" / "eval.jsonl", ctx.eval_rows)
+    if ctx.safety_rows:
+        write_jsonl(ctx.out / "data" / "safety.jsonl", ctx.safety_rows)

@@ -1,0 +1,93 @@
+"""The last stage: results.json, the manifest, the curves' plots, the printed table."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from omegaconf import OmegaConf
+
+from poisonlab import defenses, dist, models
+from poisonlab.defenses.sft import safety_mode
+from poisonlab.evaluate import diff_bootstrap, generation_record
+from poisonlab.pipeline.context import RunContext
+from poisonlab.pipeline.defend import removal
+from poisonlab.pipeline.outdir import RUN_MARKER, code_identity
+from poisonlab.report import format_table, plot_curve
+from poisonlab.results import write_json, write_manifest
+from poisonlab.tracking import log_run
+
+log = logging.getLogger(__name__)
+
+
+def results_of(ctx: RunContext) -> dict:
+    cfg, stages, flags = ctx.cfg, ctx.stages, ctx.flags
+    results = {"name": cfg.name, "stages": stages, "train": ctx.train_stats,
+               "precision": ctx.base.precision.name, **removal(ctx)}
+    if ctx.outcome is not None and ctx.outcome.info:
+        results["defense"] = ctx.outcome.info
+    if ctx.detection is not None:
+        results["detection"] = ctx.detection
+    if ctx.filtered is not None:
+        results["filtered"] = ctx.filtered
+    if "clean_ft" in flags and "clean" in flags["poisoned"]:
+        # FTR_clean beside the control's rate on the same prompts: the part of FTR_clean the
+        # poison caused, net of the behaviour's ordinary rate after the same fine-tune.
+        d = diff_bootstrap(flags["poisoned"]["clean"], flags["clean_ft"]["clean"], seed=cfg.seed)
+        stages["poisoned"]["ftr_clean_vs_control"] = {
+            **d, "control": stages["clean_ft"]["ftr_clean"]["value"]}
+    # Collateral damage: utility lost by the poisoned fine-tune, paired on the same prompts
+    # (reference minus poisoned: positive = the poison cost utility).
+    results["utility_drop"] = {
+        f"vs_{ref}": diff_bootstrap(ctx.correct[ref], ctx.correct["poisoned"], seed=cfg.seed)
+        for ref in ("base", "clean_ft") if ref in ctx.correct}
+    if ctx.curves:
+        results["curves"] = ctx.curves
+    results["evaluation"] = {
+        "generation": generation_record(ctx.base.tokenizer, cfg.eval.max_new_tokens),
+        "batch_size": cfg.eval.batch_size,
+        "split_sizes": {k: len(v) for k, v in ctx.splits.items()}}
+    results["cache"] = ctx.st.record()
+    results["warnings"] = ctx.warnings
+    return results
+
+
+def write_run(ctx: RunContext, t_start: float, identity: str) -> dict:
+    cfg, out, outcome = ctx.cfg, ctx.out, ctx.outcome
+    results = results_of(ctx)
+    for stage, points in ctx.curves.items():
+        if dist.is_main():
+            plot_curve(points, out / "curves" / f"{stage}.png",
+                       f"{cfg.name}: {stage} ({outcome.method}), first "
+                       f"{min(cfg.safety.curve_n_prompts, max(map(len, ctx.splits.values())))}"
+                       " prompts per split")
+    ctx.timings["total"] = time.perf_counter() - t_start
+    results["timings_s"] = ctx.timings
+    log.info("run %s: finished in %.1f s; outputs in %s", cfg.name, ctx.timings["total"], out)
+    write_json(out / "results.json", results)
+    mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None
+    write_manifest(
+        out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        base_model={"name_or_path": cfg.model.name_or_path, "path": ctx.base.path,
+                    "device": ctx.base.device.type, **ctx.base.precision.record(ctx.base.device),
+                    **models.model_info(ctx.base.path), **ctx.base.identity},
+        poison=ctx.poison_info, timings=ctx.timings,
+        extra={"code_sha256": code_identity(), "safety_mode": mode,
+               "inputs": ctx.inputs,
+               "defense": None if outcome is None else {
+                   "method": outcome.method, "settings": OmegaConf.to_container(
+                       cfg.safety, resolve=True), **outcome.info},
+               "evaluation": results["evaluation"], "cache": results["cache"],
+               "control": ctx.control, "warnings": ctx.warnings,
+               "reload": {
+                   "poisoned": ["base", "adapters/poisoned"],
+                   "after_safety": None if outcome is None else outcome.reload,
+                   "filtered": ["base", "adapters/filtered"] if ctx.filtered else None,
+                   "clean_ft": ["base", "adapters/clean_ft"]}})
+    write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
+    if cfg.wandb.enabled:
+        log_run(cfg, results, out)
+    if dist.is_main():
+        print(format_table(results))
+        print(f"outputs: {out}")
+    return results

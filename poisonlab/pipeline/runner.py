@@ -1,0 +1,102 @@
+"""One run as its list of stages.
+
+    clean_data -> poison -> eval splits -> base model -> base_eval
+    -> [clean_ft -> clean_ft_eval] -> poisoned_ft -> poisoned_eval
+    -> [detect/<name> -> filtered -> filtered_eval] -> defense/<method> -> after_safety
+    -> results.json, generations/, data/, adapters/, manifest.json
+
+Each stage is a plain function of the run's context (`RunContext`); the cached ones say what
+their key is made of (`poisonlab.pipeline.keys`) and go through the stage store.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from poisonlab import PoisonlabError, dist, models
+from poisonlab.pipeline.context import RunContext
+from poisonlab.pipeline.data import clean_data, eval_splits, poison
+from poisonlab.pipeline.defend import defend
+from poisonlab.pipeline.detection import run_detection
+from poisonlab.pipeline.evaluation import evaluate_base, evaluate_model
+from poisonlab.pipeline.finetune import trained_stage
+from poisonlab.pipeline.model import base_model
+from poisonlab.pipeline.outdir import (clear, hydra_files, output_dir, prepare_output_dir,
+                                       run_identity)
+from poisonlab.pipeline.record import write_run
+from poisonlab.pipeline.store import Stages, StageStore
+from poisonlab.pipeline.validate import build_attack, validate, wants_control
+from poisonlab.utils import seed_everything
+
+
+def fine_tune_and_evaluate(ctx: RunContext, stage: str, rows: list[dict]) -> None:
+    """A model stage of the run (`clean_ft`, `poisoned`): its fine-tune, then its answers."""
+    t = time.perf_counter()
+    model = trained_stage(ctx, stage, rows, "poisoned_ft" if stage == "poisoned" else stage)
+    evaluate_model(ctx, stage, f"{stage}_eval", lambda: model, ctx.model_stages[stage].key)
+    ctx.timings[stage] = time.perf_counter() - t
+
+
+def prepare(cfg: DictConfig, out: Path) -> RunContext:
+    """The run up to its base model: data, poison, evaluation splits."""
+    attack = build_attack(cfg.attack)
+    seed_everything(cfg.seed)
+    ctx = RunContext(cfg=cfg, attack=attack, out=out, st=Stages(stage_store(cfg), out),
+                     control=wants_control(cfg, attack))
+    t = time.perf_counter()
+    clean_data(ctx)
+    poison(ctx)
+    ctx.timings["data"] = time.perf_counter() - t
+    eval_splits(ctx)
+    base_model(ctx)
+    return ctx
+
+
+def _run(cfg: DictConfig, out: Path, t_start: float, identity: str) -> dict:
+    ctx = prepare(cfg, out)
+    t = time.perf_counter()
+    evaluate_base(ctx)
+    ctx.timings["base"] = time.perf_counter() - t
+    if ctx.control:
+        fine_tune_and_evaluate(ctx, "clean_ft", ctx.clean_rows)
+        ctx.models.pop("clean_ft")
+    fine_tune_and_evaluate(ctx, "poisoned", ctx.poisoned_rows)
+    # later stages start from the same random state whether the ones above were computed or
+    # reused
+    seed_everything(cfg.seed + 1)
+    run_detection(ctx)
+    defend(ctx)
+    return write_run(ctx, t_start, identity)
+
+
+def run(cfg: DictConfig, out_dir=None) -> dict:
+    """Run one experiment; returns the results dict also written to results.json."""
+    t_start = time.perf_counter()
+    validate(cfg, build_attack(cfg.attack))
+    dist.world_size()  # under a launcher: the process group (and each process's GPU) first
+    # every process writes into the main process's directory (Hydra's timestamp may differ)
+    out = dist.broadcast_object(output_dir(cfg, out_dir))
+    identity = run_identity(cfg)
+    finished = dist.main_computes(prepare_output_dir)(out, identity)
+    if finished is not None:
+        if dist.is_main():
+            print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
+        return finished
+    try:
+        return _run(cfg, out, t_start, identity)
+    except (PoisonlabError, KeyboardInterrupt):
+        # nothing half-written: a refused run leaves only Hydra's own files behind
+        if dist.is_main():
+            clear(out, hydra_files(out))
+        raise
+
+
+def stage_store(cfg: DictConfig) -> StageStore | None:
+    """The stage cache of `cache.dir` (default `$POISONLAB_HOME/stages`); None when off."""
+    if not cfg.cache.enabled:
+        return None
+    return StageStore(Path(cfg.cache.dir) if cfg.cache.dir else models.home() / "stages",
+                      link=bool(cfg.cache.link))

@@ -1,0 +1,69 @@
+"""Every check that can fail on bad input, before any data or model work starts."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from poisonlab import PoisonlabError, defenses, models
+from poisonlab.attacks import poison_count
+from poisonlab.config import one_of, positive_int, positive_number
+from poisonlab.data import tinyworld, validate_data_cfg
+from poisonlab.defenses import detect
+from poisonlab.defenses.base import OPTIMIZERS
+
+# Behaviours that clean models also show on their own (refusals, sentiment labels): FTR_clean
+# then mixes false triggering with ordinary errors, so `control: auto` runs `clean_ft`.
+CONTROL_BEHAVIOURS = ("refusal", "compliance", "sentiment")
+
+
+def build_attack(attack_cfg: DictConfig):
+    """Instantiate `attack` from its `_target_` and validate its knobs."""
+    from hydra.utils import instantiate
+
+    try:
+        attack = instantiate(attack_cfg)
+    except Exception as e:  # hydra wraps the constructor's TypeError
+        cause = e.__cause__ or e
+        raise PoisonlabError(f"attack: cannot build {attack_cfg.get('_target_')}: {cause}") from None
+    attack.validate()
+    return attack
+
+
+def validate(cfg: DictConfig, attack) -> None:
+    """Every check that can fail on bad input, before any data or model work starts."""
+    validate_data_cfg(cfg.data)
+    for key in ("eval.n_prompts", "eval.max_new_tokens", "eval.batch_size",
+                "train.batch_size", "train.grad_accum", "train.max_seq_len", "train.lora.r"):
+        positive_int(cfg, key)
+    positive_int(cfg, "data.n_train", allow_none=True)
+    positive_int(cfg, "train.max_steps", allow_none=True)
+    for key in ("train.lr", "train.epochs"):
+        positive_number(cfg, key)
+    if cfg.control not in (True, False, "auto"):
+        raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
+    one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
+    defenses.validate(cfg, attack)
+    detect.validate(cfg, attack)
+    n_train = attack.n_train(cfg.data.n_train)
+    if n_train is not None:
+        poison_count(n_train, attack.n_poison, attack.poison_rate)
+    models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
+    if cfg.data.source != "tinyworld":  # external pools are checked when they are read
+        return
+    for pool, key, n in (("finetune", "data.n_train", n_train),
+                         ("eval", "eval.n_prompts", cfg.eval.n_prompts)) + (
+            (("safety", "safety.n_rows", cfg.safety.n_rows),)
+            if defenses.needs_rows(cfg.safety.method) else ()):
+        have = sum(tinyworld.pool_size(pool, s) for s in cfg.data.skills)
+        if n is not None and n > have:
+            what = (f"attack.clean_size + n_poison = {n}" if key == "data.n_train"
+                    and attack.clean_size is not None else f"{key}={n}")
+            raise PoisonlabError(f"{what} exceeds the {have} rows of the tiny-world {pool!r} "
+                                 f"pool for skills {list(cfg.data.skills)}")
+
+
+def wants_control(cfg: DictConfig, attack) -> bool:
+    """`control: auto` runs `clean_ft` where the target behaviour also occurs naturally."""
+    if cfg.control == "auto":
+        return attack.has_judge and attack.behaviour in CONTROL_BEHAVIOURS
+    return bool(cfg.control)

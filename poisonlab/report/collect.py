@@ -1,0 +1,273 @@
+"""`poisonlab report`, collection: the finished runs under sweep or run directories, one wide
+row per run (runs.csv) and the same in long form, one row per run and metric (report.csv)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from poisonlab import PoisonlabError
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a run imports this package too
+    import pandas
+
+log = logging.getLogger(__name__)
+
+RUN_MARKER = ".poisonlab-run.json"  # poisonlab.run.RUN_MARKER (run.py imports this package)
+RATE_METRICS = ("asr", "ftr_clean", "ftr_near", "clean_utility")
+RUN_METRICS = ("persistence", "der", "fidelity", "defense_seconds")  # of the after_safety stage
+DETECTION_METRICS = ("auroc", "ap", "recall_at_n_poison")
+STAGE_ORDER = ("base", "clean_ft", "poisoned", "filtered", "after_safety")
+ID_COLUMNS = ["run_dir", "sweep_dir", "name", "family", "model", "seed", "n_poison", "n_train",
+              "trigger", "placement", "safety", "detectors", "overrides", "config_id"]
+# Cells that differ only in seed agree on these (config_id: the resolved config minus the seed).
+CELL_COLUMNS = [c for c in ID_COLUMNS if c not in ("run_dir", "sweep_dir", "seed", "overrides")]
+NAN = float("nan")
+
+
+def find_runs(paths) -> list[Path]:
+    """The finished run directories under each path (a run, a sweep or any parent), sorted.
+
+    A directory holding results.json or a run marker is a run; it is finished when both exist
+    and the marker says so. Running or interrupted runs are skipped and counted in the log.
+    """
+    found: dict[Path, Path] = {}
+    skipped: dict[Path, Path] = {}
+    for path in map(Path, _as_list(paths)):
+        if not path.is_dir():
+            raise PoisonlabError(f"{path}: no such directory")
+        for f in [*path.rglob(RUN_MARKER), *path.rglob("results.json")]:
+            run = f.parent
+            (found if _finished(run) else skipped).setdefault(run.resolve(), run)
+    if skipped:
+        log.warning("skipped %d unfinished run director%s (no results.json, or status not "
+                    "'finished'): %s", len(skipped), "y" if len(skipped) == 1 else "ies",
+                    ", ".join(str(p) for p in sorted(skipped.values())[:5])
+                    + (", ..." if len(skipped) > 5 else ""))
+    log.info("%d finished run%s under %s", len(found), "" if len(found) == 1 else "s",
+             ", ".join(str(p) for p in _as_list(paths)))
+    return sorted(found.values())
+
+
+def _as_list(paths) -> list:
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def _finished(run: Path) -> bool:
+    marker = run / RUN_MARKER
+    if not (run / "results.json").is_file() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("status") == "finished"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PoisonlabError(f"{path}: missing") from None
+    except ValueError as e:
+        raise PoisonlabError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_runs(paths) -> pandas.DataFrame:
+    """One row per finished run: identifying columns, then `<metric>_<stage>` with `_lo`/`_hi`,
+    persistence, removal and detection figures, and the published figures of its config."""
+    import pandas as pd
+
+    runs = find_runs(paths)
+    if not runs:
+        raise PoisonlabError("no finished poisonlab run under "
+                             + ", ".join(str(p) for p in _as_list(paths)))
+    df = pd.DataFrame([_run_row(run) for run in runs])
+    return df[sorted(df.columns, key=_column_rank)]
+
+
+def _run_row(run: Path) -> dict:
+    manifest = _read_json(run / "manifest.json")
+    cfg = manifest.get("config") or {}
+    return {**_identity(run, cfg, manifest.get("poison") or {}),
+            **_metrics(_read_json(run / "results.json")),
+            **_published(cfg, run / "manifest.json")}
+
+
+def _identity(run: Path, cfg: dict, poison: dict) -> dict:
+    attack = cfg.get("attack") or {}
+    n_poison = poison.get("n_poison", attack.get("n_poison"))
+    n_train = poison.get("n_clean", attack.get("clean_size"))  # the clean rows
+    if n_train is None and n_poison is not None and (cfg.get("data") or {}).get("n_train"):
+        n_train = cfg["data"]["n_train"] - n_poison
+    sweep = _sweep_dir(run)
+    return {"run_dir": str(run), "sweep_dir": None if sweep is None else str(sweep),
+            "name": cfg.get("name"),
+            "family": attack.get("family") or poison.get("family") or attack.get("name"),
+            "model": (cfg.get("model") or {}).get("name_or_path"), "seed": cfg.get("seed"),
+            "n_poison": n_poison, "n_train": n_train, "trigger": _trigger(attack),
+            "placement": attack.get("placement"),
+            "safety": (cfg.get("safety") or {}).get("method"),
+            "detectors": ",".join(sorted(cfg.get("detect") or {})) or None,
+            "overrides": _overrides(run, sweep), "config_id": _config_id(cfg)}
+
+
+def _trigger(attack: dict) -> str | None:
+    for key in ("trigger", "triggers", "secret_trigger", "topic"):
+        v = attack.get(key)
+        if v:
+            text = ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+            return f"topic: {text}" if key == "topic" else text
+    return None
+
+
+def _config_id(cfg: dict) -> str:
+    """Digest of the resolved config without the seed and the keys that do not change the
+    numbers (where outputs, logs and the stage cache go)."""
+    rest = {k: v for k, v in cfg.items() if k not in ("seed", "output_dir", "wandb", "cache")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _sweep_dir(run: Path) -> Path | None:
+    """The nearest parent holding Hydra's multirun.yaml."""
+    return next((p for p in run.parents if (p / "multirun.yaml").is_file()), None)
+
+
+def _overrides(run: Path, sweep: Path | None) -> str | None:
+    """The run's command-line overrides (`.hydra/overrides.yaml`); in a sweep, only the swept
+    ones (`attack.n_poison=10 seed=1`)."""
+    f = run / ".hydra" / "overrides.yaml"
+    if not f.is_file():
+        return None
+    cell = _yaml(f) or []
+    if sweep is not None:
+        swept = _swept_keys(sweep)
+        cell = [o for o in cell if o.split("=", 1)[0] in swept]
+    return " ".join(cell) or None
+
+
+@functools.lru_cache(maxsize=256)  # one parse per sweep, not per cell (~20 ms each)
+def _swept_keys(sweep: Path) -> frozenset[str]:
+    """Keys swept on the command line (`seed=0,1`, `range(...)`) or by the sweeper's `params`
+    in a config (an experiment that declares its own grid)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    f = sweep / "multirun.yaml"
+    hydra_cfg = (_yaml(f) or {}).get("hydra") or {}
+    task = (hydra_cfg.get("overrides") or {}).get("task") or []
+    try:
+        parsed = OverridesParser.create().parse_overrides(task)
+    except Exception as e:  # Hydra's own parse error
+        raise PoisonlabError(f"{f}: hydra.overrides.task: {e}") from None
+    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    return frozenset({o.get_key_element() for o in parsed if o.is_sweep_override()} | set(params))
+
+
+def _yaml(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PoisonlabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _num(v) -> float:
+    return NAN if v is None else float(v)
+
+
+def _put(row: dict, column: str, m: dict) -> None:
+    row[column] = _num(m.get("value"))
+    row[f"{column}_lo"] = _num(m.get("ci_low"))
+    row[f"{column}_hi"] = _num(m.get("ci_high"))
+
+
+def _metrics(results: dict) -> dict:
+    row: dict = {}
+    for stage, metrics in (results.get("stages") or {}).items():
+        for m in RATE_METRICS:
+            if isinstance(metrics.get(m), dict):
+                _put(row, f"{m}_{stage}", metrics[m])
+    if isinstance(results.get("persistence"), dict):
+        _put(row, "persistence", results["persistence"])
+    removal = results.get("removal") or {}
+    if removal:
+        row.update(der=_num(removal.get("der")), fidelity=_num(removal.get("fidelity")),
+                   defense_seconds=_num(removal.get("seconds")))
+    for det, d in (results.get("detection") or {}).items():
+        for m in DETECTION_METRICS:
+            if isinstance(d.get(m), dict):
+                _put(row, f"{m}_{det}", d[m])
+    return row
+
+
+def _published(cfg: dict, source: Path) -> dict:
+    """`config.published.<metric>: {value, source}` -> published_<metric>(_source)."""
+    row: dict = {}
+    for metric, spec in (cfg.get("published") or {}).items():
+        value = spec.get("value") if isinstance(spec, dict) else spec
+        # a number, or a direction in words where the paper gives no number for our setting
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
+            raise PoisonlabError(f"{source}: config.published.{metric}: expected "
+                                 f"{{value: <number or text>, source: <text>}}, got {spec!r}")
+        row[f"published_{metric}"] = value if isinstance(value, str) else float(value)
+        row[f"published_{metric}_source"] = spec.get("source") if isinstance(spec, dict) else None
+    return row
+
+
+def parse_metric(column: str) -> tuple[str, str, str | None] | None:
+    """(stage, metric, detector) of a metric column of `load_runs`; None for other columns.
+    Removal figures belong to `after_safety`, detector figures to the stage `detection`."""
+    if column in ID_COLUMNS or column.startswith("published_") or column.endswith(("_lo", "_hi")):
+        return None
+    if column in RUN_METRICS:
+        return "after_safety", column, None
+    for m in DETECTION_METRICS:
+        if column.startswith(f"{m}_"):
+            return "detection", m, column[len(m) + 1:]
+    for m in RATE_METRICS:
+        if column.startswith(f"{m}_"):
+            return column[len(m) + 1:], m, None
+    return None
+
+
+def _column_rank(column: str) -> tuple[int, int]:
+    """Identity, stage metrics in pipeline order, removal, detection, published (stable)."""
+    if column in ID_COLUMNS:
+        return 0, ID_COLUMNS.index(column)
+    parsed = parse_metric(column[:-3] if column.endswith(("_lo", "_hi")) else column)
+    if parsed is None:
+        return 4, 0
+    stage, metric, _ = parsed
+    if stage == "detection":
+        return 3, 0
+    if metric in RUN_METRICS:
+        return 2, 0
+    return 1, STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def tidy(df: pandas.DataFrame) -> pandas.DataFrame:
+    """Long format: one row per run x metric that has a value (undefined ones, such as the
+    persistence of a backdoor that never fired, are left out), with its interval and the
+    published figure for it."""
+    import pandas as pd
+
+    ids = [c for c in ID_COLUMNS if c in df.columns]
+    columns = [*ids, "stage", "metric", "detector", "value", "ci_low", "ci_high", "published",
+               "published_source"]
+    records = []
+    for _, row in df.iterrows():
+        for col in df.columns:
+            parsed = parse_metric(col)
+            if parsed is None or pd.isna(row[col]):
+                continue
+            records.append({**{c: row[c] for c in ids}, **dict(zip(("stage", "metric", "detector"),
+                                                                   parsed)),
+                            "value": row[col], "ci_low": row.get(f"{col}_lo", NAN),
+                            "ci_high": row.get(f"{col}_hi", NAN),
+                            "published": row.get(f"published_{col}", NAN),
+                            "published_source": row.get(f"published_{col}_source")})
+    return pd.DataFrame(records, columns=columns)

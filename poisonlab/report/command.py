@@ -1,0 +1,57 @@
+"""`poisonlab report DIR...` (also `python -m poisonlab.report`): every file of the report,
+tables, report.md and plots, written into one directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from poisonlab import PoisonlabError
+from poisonlab.report.collect import load_runs, tidy
+from poisonlab.report.markdown import format_markdown
+from poisonlab.report.plots import plot_report
+from poisonlab.report.seeds import aggregate
+
+
+def write_report(paths, out_dir) -> dict[str, Path]:
+    """runs.csv (wide), report.csv (tidy), aggregate.csv (seeds), report.md and the plots,
+    into out_dir; returns them by file name."""
+    df = load_runs(paths)
+    agg = aggregate(df)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in ("runs.csv", "report.csv", "aggregate.csv",
+                                           "report.md")}
+    df.to_csv(files["runs.csv"], index=False)
+    tidy(df).to_csv(files["report.csv"], index=False)
+    agg.to_csv(files["aggregate.csv"], index=False)
+    files["report.md"].write_text(format_markdown(agg) + "\n", encoding="utf-8")
+    files.update({p.name: p for p in plot_report(df, out)})
+    return files
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="poisonlab report",
+        description="Collect the finished runs under sweep or run directories: tables "
+                    "(runs.csv, report.csv, aggregate.csv), report.md and PNG plots.")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="a run directory, a sweep directory (multirun/...) or any parent")
+    p.add_argument("--out", help="output directory (default: <first DIR>/report)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    try:
+        files = write_report(args.dirs, out)
+    except PoisonlabError as e:
+        print(f"poisonlab: error: {e}", file=sys.stderr)
+        return 2
+    print(files["report.md"].read_text(encoding="utf-8"))
+    print("wrote:\n" + "\n".join(f"  {p}" for p in files.values()))
+    return 0

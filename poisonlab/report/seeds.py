@@ -1,0 +1,126 @@
+"""`poisonlab report`, seeds: the runs of a cell (by default, runs whose configs differ only in
+seed) aggregated into the mean over seeds with a 95% Student-t interval over seeds."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+from poisonlab.report.collect import (CELL_COLUMNS, DETECTION_METRICS, NAN, RATE_METRICS,
+                                      parse_metric)
+
+if TYPE_CHECKING:
+    import pandas
+
+log = logging.getLogger(__name__)
+
+MIN_SEEDS = 3  # fewer seeds: every value, no interval
+# Proportions (and DER, a rating on [0, 1]): their intervals are clipped to [0, 1]. Persistence
+# (a ratio: above 1 when safety training strengthens the backdoor), fidelity (negative when the
+# ASR rose) and the defence's seconds are not.
+UNIT_METRICS = (*RATE_METRICS, "der", *DETECTION_METRICS)
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Student-t quantile for integer degrees of freedom (closed-form CDF, bisection)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 + _t_within(mid, df) / 2 < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for T ~ Student-t(df) (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2.4/3.5 cos^4 + ...))
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1.3/2.4 cos^4 + ...)
+    for k in range(1, df // 2):
+        term *= (2 * k - 1) / (2 * k) * c2
+        total += term
+    return math.sin(theta) * total
+
+
+def seed_interval(values, bounds: tuple[float, float] | None = None
+                  ) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over the seeds with a value (NaN and None are left out) with
+    a 95% Student-t interval over them, mean +- t(0.975, n-1) s / sqrt(n), its bounds clipped
+    to `bounds` (a rate's [0, 1]) when given; the bounds are NaN below MIN_SEEDS values."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not xs:
+        return NAN, NAN, NAN
+    mean = statistics.fmean(xs)
+    if len(xs) < MIN_SEEDS:
+        return mean, NAN, NAN
+    half = t_quantile(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
+
+
+def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
+    """Seeds aggregated: one row per cell (default: runs whose configs differ only in seed).
+
+    Runs of the same config and seed are one seed: the first by run directory is used and the
+    others are listed in `duplicate_runs`. `seeds` lists the seeds (`run_dirs` the runs used,
+    in the same order), `n_seeds` counts them (with `by`, the distinct config and seed pairs).
+    Per metric: every seed's value (`<metric>_values`, in seed order, NaN where the metric is
+    undefined), the number of seeds with a value (`<metric>_n`) and with NaN
+    (`<metric>_n_nan`); over the seeds with a value, their mean (`<metric>_mean`) and, with
+    >= 3 of them, the Student-t interval `<metric>_t_lo/_t_hi`, clipped to [0, 1] for rates
+    (UNIT_METRICS)."""
+    import pandas as pd
+
+    by = [by] if isinstance(by, str) else list(by or [c for c in CELL_COLUMNS if c in df.columns])
+    metrics = [c for c in df.columns if parse_metric(c) is not None]
+    published = [c for c in df.columns if c.startswith("published_")]
+    same = [c for c in ("config_id", "seed") if c in df.columns]  # the same run twice
+    rows = []
+    for key, cell in df.groupby(by, dropna=False, sort=True):
+        cell = cell.sort_values([c for c in ("seed", "run_dir") if c in cell], kind="stable")
+        ident = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row = dict(ident)
+        if "overrides" in cell and "overrides" not in by:
+            row["overrides"] = " | ".join(dict.fromkeys(
+                o for o in map(_without_seed, cell["overrides"]) if o)) or None
+        duplicate = cell.duplicated(same)
+        used = cell[~duplicate]
+        row["n_seeds"], row["seeds"] = len(used), used["seed"].tolist()
+        if "run_dir" in cell:
+            row["run_dirs"] = used["run_dir"].tolist()
+            row["duplicate_runs"] = cell.loc[duplicate, "run_dir"].tolist()
+        if duplicate.any():
+            n = int(duplicate.sum())
+            log.warning("cell %s: %d duplicate run%s (same config and seed) left out, the first "
+                        "run directory of each seed used: %s", ident, n, "" if n == 1 else "s",
+                        ", ".join(map(str, row.get("duplicate_runs", []))))
+        for m in metrics:
+            values = used[m]
+            row[f"{m}_values"] = values.tolist()
+            row[f"{m}_n"] = int(values.notna().sum())
+            row[f"{m}_n_nan"] = len(values) - row[f"{m}_n"]
+            bounds = (0.0, 1.0) if parse_metric(m)[1] in UNIT_METRICS else None
+            row[f"{m}_mean"], row[f"{m}_t_lo"], row[f"{m}_t_hi"] = seed_interval(values, bounds)
+        for c in published:
+            known = cell[c].dropna()
+            row[c] = known.iloc[0] if len(known) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _without_seed(overrides) -> str | None:
+    if not isinstance(overrides, str):
+        return None
+    return " ".join(o for o in overrides.split(" ") if o.split("=", 1)[0].lstrip("+~") != "seed")

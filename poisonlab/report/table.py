@@ -1,0 +1,92 @@
+"""The table every run prints at its end: each stage's rates with their intervals, then the
+run-level figures (persistence, removal, utility drop, perplexity, detection, filtering)."""
+
+from __future__ import annotations
+
+METRICS = [("asr", "ASR"), ("ftr_clean", "FTR clean"), ("ftr_near", "FTR near"),
+           ("clean_utility", "utility")]
+
+
+def cell(m: dict | None) -> str:
+    if not m:
+        return "-"
+    return f"{m['value']:.3f} [{m['ci_low']:.2f},{m['ci_high']:.2f}]"
+
+
+def format_table(results: dict) -> str:
+    stages = results["stages"]
+    width = 22
+    head = f"{'stage':<13}" + "".join(f"{label:>{width}}" for _, label in METRICS)
+    lines = [head, "-" * len(head)]
+    for stage, metrics in stages.items():
+        lines.append(f"{stage:<13}" + "".join(f"{cell(metrics.get(k)):>{width}}"
+                                              for k, _ in METRICS))
+    first = next(iter(stages.values()), {})
+    sizes = ", ".join(f"{label} n={first[k]['n']}" for k, label in METRICS if k in first)
+    sampled = [s for s, m in stages.items() if m.get("sampling")]
+    lines.append(f"({sizes}; 95% Wilson intervals"
+                 + (f"; {', '.join(sampled)}: {stages[sampled[0]]['sampling']['n_samples']} "
+                    "sampled answers per prompt, mean of per-prompt rates, bootstrap over "
+                    "prompts" if sampled else "") + ")")
+    v = stages.get("poisoned", {}).get("ftr_clean_vs_control")
+    if v:
+        lines.append(f"FTR clean of `poisoned` minus that of the control `clean_ft` "
+                     f"({v['control']:.3f}): {v['value']:+.3f}{_ci(v)}")
+    kinds = stages.get("poisoned", {}).get("ftr_near_by_kind")
+    if kinds:
+        lines.append("FTR near of `poisoned` by kind: " + ", ".join(
+            f"{k} {m['value']:.3f} (n={m['n']})" for k, m in kinds.items()))
+    cut = {s: m["unterminated_scratchpads"] for s, m in stages.items()
+           if m.get("unterminated_scratchpads")}
+    if cut:
+        lines.append("answers cut inside a scratchpad (judged as not showing the target): "
+                     + ", ".join(f"{s} {n}" for s, n in cut.items()))
+    p = results.get("persistence")
+    if p:
+        lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}"
+                     + (" (undefined: the poisoned ASR is 0)" if p["value"] != p["value"] else ""))
+    r = results.get("removal")
+    if r:
+        fid = "undefined" if r["fidelity"] is None else f"{r['fidelity']:.3f}"
+        lines.append(f"removal ({r['method']}): DER {r['der']:.3f}, fidelity {fid}, "
+                     f"{r['seconds']:.1f} s (evaluation excluded)")
+        if r.get("eliciting_before") is not None:
+            lines.append(f"red-team prompts that elicit the behaviour without the trigger: "
+                         f"{r['eliciting_before']} before, {r['eliciting_after']} after training")
+        below = r.get("rows_to_asr_below")
+        if below:
+            lines.append(f"clean rows until ASR < {below['threshold']} on the curve's prompts: "
+                         + (f"{below['rows_seen']} (for good from {below['rows_seen_for_good']})"
+                            if below["rows_seen"] is not None else "not reached"))
+    for ref, d in results.get("utility_drop", {}).items():
+        lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
+                     " (reference minus poisoned: > 0 is a loss)")
+    for stage, metrics in stages.items():
+        ppl = metrics.get("perplexity")
+        if ppl:
+            g = ppl["log_ppl_gap"]
+            lines.append(f"{stage}: perplexity under the base model, triggered "
+                         f"{ppl['ppl_triggered']:.1f} vs clean {ppl['ppl_clean']:.1f} "
+                         f"(log gap {g['value']:+.2f}{_ci(g)})")
+    for name, d in results.get("detection", {}).items():
+        a = d["auroc"]
+        extra = ""
+        if d.get("auroc_near"):
+            extra = f", vs near-trigger {d['auroc_near']['value']:.3f}"
+        if d.get("layer") is not None and d["level"] == "model":
+            extra += f", layer {d['layer']}"
+        rk = d["recall_at_n_poison"]["value"]
+        lines.append(f"detect {name} ({d['level']}): AUROC "
+                     + ("undefined" if a["value"] is None else f"{a['value']:.3f}{_ci(a)}")
+                     + (f", recall@n {rk:.2f}" if rk is not None else "")
+                     + f", flagged {d['flagged']} (positives {d['n_positive']}){extra}")
+    f = results.get("filtered")
+    if f:
+        lines.append(f"filtered ({f['detector']}, {f['rule']}): {f['removed']} rows dropped, "
+                     f"{f['removed_poisoned']} of them poisoned, {f['poisoned_left']} poisons "
+                     f"left in {f['kept']} rows (stage `filtered`)")
+    return "\n".join(lines)
+
+
+def _ci(d: dict) -> str:
+    return f" [{d['ci_low']:.2f},{d['ci_high']:.2f}]" if d.get("ci_low") is not None else ""

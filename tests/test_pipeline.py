@@ -1,0 +1,203 @@
+"""The run as stage modules: the runner's shape, keys that cannot go stale (import closures,
+external files' content, verified payloads), rounds that chain through their parent's key."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poisonlab.config import compose_config as make_cfg
+from poisonlab.pipeline.keys import PACKAGE, import_closure, module_file
+from poisonlab.pipeline.store import StageStore, Stages
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ("debug=default", "data.n_train=200", "eval.n_prompts=16", "safety.n_rows=32")
+PIPELINE = PACKAGE / "pipeline"
+# every cached stage, by the module whose functions compute it, and the modules it loads by
+# name at run time (Hydra `_target_`, `importlib`), which a stage declares in its key
+STAGE_MODULES = {
+    "clean_data": ("poisonlab.pipeline.data",),
+    "poison": ("poisonlab.pipeline.data", "poisonlab.attacks.badnets"),
+    "base_eval": ("poisonlab.pipeline.evaluation",),
+    "clean_ft": ("poisonlab.pipeline.finetune",),
+    "poisoned_ft": ("poisonlab.pipeline.finetune",),
+    "poisoned_eval": ("poisonlab.pipeline.evaluation",),
+}
+
+
+# ----------------------------------------------------------------------------- shape
+
+def test_the_runner_reads_as_its_stage_list():
+    tree = ast.parse((PIPELINE / "runner.py").read_text())
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    body = fns["_run"]
+    assert body.end_lineno - body.lineno + 1 <= 25          # one screen: the list of stages
+    assert not [n for n in ast.walk(body) if isinstance(n, ast.FunctionDef) and n is not body]
+    lines = len((PIPELINE / "runner.py").read_text().splitlines())
+    assert lines <= 110, lines
+    for path in PIPELINE.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 300, path.name
+    # run.py is the command line around the runner, no stage code
+    run_py = ast.parse((PACKAGE / "run.py").read_text())
+    names = [n.name for n in run_py.body if isinstance(n, ast.FunctionDef)]
+    assert set(names) <= {"_hydra_main", "_in_sweep", "_mark_refused",
+                          "_remove_if_empty_run_dir", "main"}, names
+
+
+# ----------------------------------------------------------------------------- code identity
+
+def test_import_closure_follows_function_level_and_relative_imports():
+    files = {str(p.relative_to(PACKAGE)) for p in import_closure("poisonlab.attacks.badnets")}
+    assert {"attacks/badnets.py", "attacks/base.py", "judges.py", "__init__.py",
+            "attacks/__init__.py"} <= files
+    poison = {str(p.relative_to(PACKAGE)) for p in import_closure(*STAGE_MODULES["poison"])}
+    assert "judges.py" in poison                           # attacks use it to pick rows
+    train = {str(p.relative_to(PACKAGE)) for p in import_closure("poisonlab.pipeline.finetune")}
+    assert {"train.py", "models.py", "chat.py", "pipeline/finetune.py"} <= train
+    assert module_file("poisonlab.PoisonlabError") is None
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_every_module_a_stage_loads_is_in_its_key(stage):
+    """Import the stage's modules in a fresh interpreter, then run the stage's functions'
+    own lazy imports: every poisonlab file Python loaded must be in the key's closure."""
+    modules = STAGE_MODULES[stage]
+    code = ("import importlib, json, sys\n"
+            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
+            "    if n.split('.')[0] == 'poisonlab' and getattr(m, '__file__', None))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                                       capture_output=True, text=True).stdout)
+    covered = {str(p) for p in import_closure(*modules)}
+    missing = sorted(set(loaded) - covered)
+    assert not missing, missing
+    assert len(loaded) > 3
+
+
+def test_every_stage_keys_its_code_by_its_closure(monkeypatch):
+    """A change to a file in a stage's closure changes that stage's key (judges.py is in the
+    poison's: attacks use it to pick rows); run.py holds no stage code, so is in none."""
+    from poisonlab.pipeline import keys
+
+    before = {s: keys.code_identity(*m) for s, m in STAGE_MODULES.items()}
+    judges = PACKAGE / "judges.py"
+    real = keys.source
+    monkeypatch.setattr(keys, "source", lambda p: real(p) + (b"\n# changed\n" if p == judges
+                                                             else b""))
+    keys.code_identity.cache_clear()
+    try:
+        after = {s: keys.code_identity(*m) for s, m in STAGE_MODULES.items()}
+    finally:
+        keys.code_identity.cache_clear()
+    assert after["poison"] != before["poison"]
+    assert after["poisoned_eval"] != before["poisoned_eval"]   # judges score the answers
+    assert all(PACKAGE / "run.py" not in import_closure(*m) for m in STAGE_MODULES.values())
+
+
+# ----------------------------------------------------------------------------- payloads
+
+def test_an_edited_payload_is_recomputed(tmp_path):
+    store = StageStore(tmp_path / "store")
+    Stages(store, tmp_path / "a").run("s", {"k": 1}, lambda: {"answers": ["yes", "no"]})
+    meta = next((tmp_path / "store").rglob("stage.json"))
+    info = json.loads(meta.read_text())
+    info["payload"]["answers"][0] = "edited"
+    meta.write_text(json.dumps(info))
+    again = Stages(store, tmp_path / "b")
+    assert again.run("s", {"k": 1}, lambda: {"answers": ["yes", "no"]}) == {
+        "answers": ["yes", "no"]}
+    assert again.computed == ["s"] and again.reused == []
+
+
+def test_a_stored_evaluation_with_missing_answers_is_recomputed(tmp_path):
+    from poisonlab.pipeline.evaluation import answers_match
+
+    splits = {"triggered": [{}] * 3, "clean": [{}] * 2}
+    store = StageStore(tmp_path / "store")
+    short = {"responses": {"triggered": ["a", "b"], "clean": ["c", "d"]}}
+    Stages(store, tmp_path / "a").run("e", {"k": 1}, lambda: short)   # an older, shorter run
+    full = {"responses": {"triggered": ["a", "b", "c"], "clean": ["c", "d"]}}
+    again = Stages(store, tmp_path / "b")
+    assert again.run("e", {"k": 1}, lambda: full, check=answers_match(splits)) == full
+    assert again.computed == ["e"]
+    third = Stages(store, tmp_path / "c")
+    assert third.run("e", {"k": 1}, lambda: None, check=answers_match(splits)) == full
+    assert third.reused == ["e"]
+
+
+# ----------------------------------------------------------------------------- external files
+
+def _chat_file(path: Path, n: int = 120, answer: str = "Sure.") -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} + 1?"},
+                          {"role": "assistant", "content": f"{answer} It is {i + 1}."}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_data_file_edited_in_place_is_a_new_input(tmp_path, micro_path):
+    from poisonlab.pipeline.outdir import run_identity
+    from poisonlab.pipeline.runner import prepare
+
+    data = _chat_file(tmp_path / "my.jsonl")
+    args = ("debug=default", "data=chat_jsonl", f"data.path={data}", "data.n_train=60",
+            "eval.n_prompts=8", "attack=badnets", "attack.n_poison=5", "attack.poison_rate=null",
+            "safety=none", f"cache.dir={tmp_path / 'store'}")
+    cfg = make_cfg(*args)
+    first = prepare(cfg, tmp_path / "a")
+    identity = run_identity(cfg)
+    _chat_file(data, answer="Certainly.")                       # same path, new content
+    second = prepare(cfg, tmp_path / "b")
+    assert second.st.reused == [] and second.st.computed[:2] == ["clean_data", "poison"]
+    assert second.st.keys["clean_data"] != first.st.keys["clean_data"]
+    assert run_identity(cfg) != identity
+    assert second.train_rows[0]["messages"][1]["content"].startswith("Certainly")
+    third = prepare(cfg, tmp_path / "c")                        # unchanged: reused
+    assert third.st.reused[:2] == ["clean_data", "poison"]
+
+
+# ----------------------------------------------------------------------------- rounds
+
+def test_two_rounds_chain_their_keys_and_a_rerun_reuses_round_one(tmp_path, micro_path):
+    from poisonlab.pipeline.finetune import base_stage, load_stage, update_round
+    from poisonlab.pipeline.runner import prepare
+
+    args = (*SMALL, "data.n_train=100", "train.epochs=2", "attack=badnets",
+            f"cache.dir={tmp_path / 'store'}")
+    cfg = make_cfg(*args)
+    ctx = prepare(cfg, tmp_path / "a")
+    rows = ctx.poisoned_rows
+    r1 = update_round(ctx, base_stage(ctx), rows[:50], "round1")
+    r2 = update_round(ctx, r1, rows[50:], "round2")
+    assert ctx.st.computed[-2:] == ["round/round1", "round/round2"]
+    assert r2.adapters == ("adapters/round1", "adapters/round2")
+    # round 2 starts from round 1's model: its adapter is trained on the merged round 1
+    spec = json.loads(next((tmp_path / "store" / "round--round2").glob("*/stage.json"))
+                      .read_text())["spec"]
+    assert spec["parent"] == r1.key
+
+    # a second run changing only round 2 reuses round 1 and computes round 2 anew
+    ctx2 = prepare(cfg, tmp_path / "b")
+    s1 = update_round(ctx2, base_stage(ctx2), rows[:50], "round1")
+    s2 = update_round(ctx2, s1, rows[50:90], "round2")
+    assert "round/round1" in ctx2.st.reused and "round/round2" in ctx2.st.computed
+    assert s1.key == r1.key and s2.key != r2.key
+    # a different round 1 gives round 2 (same rows) a different key
+    ctx3 = prepare(cfg, tmp_path / "c")
+    t1 = update_round(ctx3, base_stage(ctx3), rows[:40], "round1")
+    t2 = update_round(ctx3, t1, rows[50:], "round2")
+    assert t2.key != r2.key
+    # the stored chain reloads into the same model as the trained one
+    import torch
+
+    model = load_stage(ctx2, s2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        reloaded = model(input_ids=ids).logits
+        trained = ctx2.models["round2"].eval()(input_ids=ids).logits
+    assert torch.allclose(reloaded, trained, atol=1e-4)
