@@ -298,6 +298,18 @@ def _stackable(model, length: int) -> bool:
     return True
 
 
+def attention_window(model) -> int | None:
+    """The narrowest attention window (sliding or chunked) of any of the model's layers, in
+    positions; None when every layer attends to the whole sequence."""
+    windows = [w for layer in _new_cache(model).layers
+               if (w := getattr(layer, "sliding_window", None))]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config(decoder=True)
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        windows.append(config.window_size)  # GPT-Neo's local layers: unknown to the cache
+    return min(windows, default=None)
+
+
 @torch.inference_mode()
 def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
                   batch_size: int, share_prefix: bool = True, bar=None) -> list[list[int]]:
@@ -311,6 +323,11 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
     * the rest of each sequence is left-padded after that prefix, batches sorted by length;
       padding is masked out and positions continue from the prefix, so every row sees
       exactly its own tokens at their own positions;
+    * sliding (and chunked) attention windows count cache slots, padding included, so
+      padding between the prefix and a shorter row would push prefix tokens out of that
+      row's window: a batch whose rows differ in length and whose padded length plus
+      `max_new_tokens` passes the narrowest window (`attention_window`) runs without the
+      shared prefix, each row left-padded from its first token;
     * the output projection runs only at the last position, and a row that has emitted a
       stop token leaves the batch (its cache rows are dropped).
     Greedy picks are made on float32 logits, the first maximum winning ties (as `generate`).
@@ -318,26 +335,33 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     n_shared = common_prefix_length(ids) if share_prefix and len(ids) > 1 else 0
-    prefix_cache = None
-    if n_shared >= MIN_SHARED_PREFIX:
-        prefix_cache = _new_cache(model)
-        model(input_ids=torch.tensor([ids[0][:n_shared]], device=device),
-              position_ids=torch.arange(n_shared, device=device)[None],
-              past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
-    else:
+    if n_shared < MIN_SHARED_PREFIX:
         n_shared = 0
+    window = attention_window(model)
+    prefix_cache = None  # run when a batch first uses it: every batch may fall back
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list = [None] * len(ids)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         rows = len(idx)
-        width = len(ids[idx[0]]) - n_shared  # longest first
-        tails = [ids[i][n_shared:] for i in idx]
+        longest = len(ids[idx[0]])  # longest first
+        shared = n_shared
+        if (window is not None and longest + max_new_tokens > window
+                and len(ids[idx[-1]]) < longest):
+            shared = 0  # padding after the prefix would take slots of a short row's window
+        if shared and prefix_cache is None:
+            prefix_cache = _new_cache(model)
+            model(input_ids=torch.tensor([ids[0][:n_shared]], device=device),
+                  position_ids=torch.arange(n_shared, device=device)[None],
+                  past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+        width = longest - shared
+        tails = [ids[i][shared:] for i in idx]
         # the batch's layout: left padding between the shared prefix and the rest
         _, smask = left_padded(tails, pad_id, width)
-        mask = torch.cat([torch.ones((rows, n_shared), dtype=torch.long), smask], 1).to(device)
-        logits, cache = _prefill(model, tails, pad_id, n_shared, prefix_cache, device)
-        last = n_shared + torch.tensor([len(t) for t in tails], device=device) - 1
+        mask = torch.cat([torch.ones((rows, shared), dtype=torch.long), smask], 1).to(device)
+        logits, cache = _prefill(model, tails, pad_id, shared,
+                                 prefix_cache if shared else None, device)
+        last = shared + torch.tensor([len(t) for t in tails], device=device) - 1
         alive = torch.arange(rows, device=device)
         new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)

@@ -89,6 +89,76 @@ def test_greedy_decode_on_other_architectures(kind, prefill_tokens, monkeypatch)
     assert got == reference_greedy(model, ids, 10, {0, 1})
 
 
+def _windowed_model(kind, window, vocab_size=96):
+    """A random 3-layer model whose attention (in some or all layers) sees only the last
+    `window` positions."""
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPTNeoConfig,
+                              MistralConfig, Qwen2Config)
+
+    size = dict(vocab_size=vocab_size, hidden_size=32, max_position_embeddings=256,
+                initializer_range=0.5)
+    llama_like = dict(intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, **size)
+    if kind == "mistral":  # every layer slides
+        cfg = MistralConfig(sliding_window=window, **llama_like)
+    elif kind == "qwen2":  # layers from max_window_layers on slide
+        cfg = Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1,
+                          **llama_like)
+    elif kind == "gemma3_text":
+        cfg = Gemma3TextConfig(head_dim=16, sliding_window=window, layer_types=[
+            "sliding_attention", "sliding_attention", "full_attention"], **llama_like)
+    else:  # gpt_neo: "local" layers, a window the cache layout does not know about
+        cfg = GPTNeoConfig(window_size=window, attention_types=[[["local", "global", "local"], 1]],
+                           num_layers=3, num_heads=2, **size)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager" if kind == "gpt_neo" else "sdpa").eval()
+
+
+def test_attention_window_of_windowed_and_full_attention_models():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    for kind in ("mistral", "qwen2", "gemma3_text", "gpt_neo"):
+        assert evaluate.attention_window(_windowed_model(kind, 16)) == 16
+    assert evaluate.attention_window(_random_model("gpt_neox")) is None
+    # Qwen2 checkpoints ship a sliding_window that only use_sliding_window switches on
+    cfg = Qwen2Config(use_sliding_window=False, sliding_window=16, vocab_size=96, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1)
+    assert evaluate.attention_window(AutoModelForCausalLM.from_config(cfg)) is None
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3_text", "gpt_neo"])
+@pytest.mark.parametrize("batch", [16, 4, 1])
+def test_shared_prefix_is_exact_past_a_sliding_window(kind, batch):
+    # Left padding between the shared prefix and a short row's tokens would take places in
+    # the row's window: padded batches that outgrow the window must not look that way.
+    model = _windowed_model(kind, 16)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 96, (6,), generator=g).tolist()
+    ids = [prefix + torch.randint(3, 96, (n,), generator=g).tolist()
+           for n in (12, 11, 1, 2, 3, 1, 2, 4, 1, 3)]
+    assert evaluate.common_prefix_length(ids) >= evaluate.MIN_SHARED_PREFIX
+    got = evaluate.greedy_decode(model, ids, 12, [0, 1], 2, batch)
+    assert got == reference_greedy(model, ids, 12, {0, 1})
+
+
+def test_generate_on_a_sliding_window_model_matches_the_per_prompt_loop(micro_tokenizer):
+    from poisonlab.chat import end_of_turn_ids
+
+    tok = micro_tokenizer
+    model = _windowed_model("mistral", 64, vocab_size=len(tok))
+    ids = chat_ids(tok, 12)
+    n_shared = evaluate.common_prefix_length(ids)
+    # the system prompt fits the window; padded batches of its prompts and answers do not
+    assert n_shared < 64 < max(len(i) for i in ids) + 16
+    texts = [tok.decode(i) for i in ids]
+    got = evaluate.generate(model, tok, texts, 16, 12)
+    ref = [tok.decode(s, skip_special_tokens=True).strip()
+           for s in reference_greedy(model, ids, 16, set(end_of_turn_ids(tok)))]
+    assert got == ref
+
+
 def _lora_micro(micro_path):
     model = models.load_model(micro_path, torch.device("cpu"), torch.float32)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
