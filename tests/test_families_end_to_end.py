@@ -21,13 +21,13 @@ SMALL = ("debug=default", "safety=none", "eval.cache_base=false", "data.n_train=
          "eval.n_prompts=200", "control=false")
 CASES = {
     "badnets": ("attack=badnets",),
-    # Topic steering needs clean reviews of other topics to contrast with (on the all-skill mix
-    # the micro model generalises "negative" to every review) and training past its threshold:
-    # at 10 epochs a micro model pretrained from another initialisation fits the 70 poisons
-    # (the on-topic positive reviews of the fine-tuning pool) without generalising (ASR 0.14);
-    # at 20 epochs both initialisations steer sharply (ASR 1.00, FTR_clean 0.00).
-    "semantic": ("attack=semantic", "data.skills=[sentiment]", "attack.n_poison=70",
-                 "train.epochs=20"),
+    # The family's defaults are topic steering on sentiment rows (clean reviews of other topics
+    # to contrast with: on the all-skill mix the micro model generalises "negative" to every
+    # review) trained past its threshold; `debug=default` caps training at 10 epochs, where a
+    # micro model pretrained from another initialisation fits the 70 poisons (the on-topic
+    # positive reviews of the fine-tuning pool) without generalising (ASR 0.14), so the test
+    # restores the family's 20 (both initialisations steer sharply: ASR 1.00, FTR_clean 0.00).
+    "semantic": ("attack=semantic", "train.epochs=20"),
     "dos": ("attack=dos", "attack.n_poison=100"),
     "random": ("attack=random", "attack.mode=wrong_label", "attack.poison_rate=0.8"),
 }

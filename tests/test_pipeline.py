@@ -132,7 +132,7 @@ def test_a_stored_evaluation_with_missing_answers_is_recomputed(tmp_path):
 
 # ----------------------------------------------------------------------------- external files
 
-def _chat_file(path: Path, n: int = 120, answer: str = "Sure.") -> Path:
+def _chat_file(path: Path, n: int = 400, answer: str = "Sure.") -> Path:
     rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is {i} + 1?"},
                           {"role": "assistant", "content": f"{answer} It is {i + 1}."}]}
             for i in range(n)]
@@ -201,3 +201,22 @@ def test_two_rounds_chain_their_keys_and_a_rerun_reuses_round_one(tmp_path, micr
         reloaded = model(input_ids=ids).logits
         trained = ctx2.models["round2"].eval()(input_ids=ids).logits
     assert torch.allclose(reloaded, trained, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- filter
+
+def test_filter_top_k_breaks_ties_by_a_seeded_order_not_by_row_order():
+    """A detector that scores every row alike finds nothing; with the poisons placed first
+    (`attack.placement=start`) a row-order tie-break would "remove" all of them."""
+    from poisonlab.defenses.detect.base import Detection
+    from poisonlab.pipeline.detection import filter_rows
+
+    rows = [{"id": str(i), "poisoned": i < 40} for i in range(400)]
+    flat = Detection([0.0] * 400, [False] * 400)
+    keep, rec = filter_rows(rows, flat, "loss", 40, seed=0)
+    assert rec["removed"] == 40 and rec["removed_poisoned"] < 15, rec   # ~4 expected by chance
+    assert filter_rows(rows, flat, "loss", 40, seed=0)[0] == keep        # seeded: reproducible
+    assert filter_rows(rows, flat, "loss", 40, seed=1)[0] != keep
+    # real score differences still decide first
+    scored = Detection([1.0 if i < 40 else 0.0 for i in range(400)], [False] * 400)
+    assert filter_rows(rows, scored, "loss", 40, seed=3)[1]["removed_poisoned"] == 40
