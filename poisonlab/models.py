@@ -74,6 +74,18 @@ TINY_SIZES = {
     "base": TinySpec(hidden=256, layers=6, heads=8, intermediate=1024, epochs=6, lr=2e-3),
 }
 
+
+
+def tiny_spec(size: str) -> TinySpec:
+    """The spec a `tiny:<size>` model is built from. `POISONLAB_TINY_SEED=<n>` pretrains it
+    from another seed (its own cache entry): a stand-in for the float bits of another CPU, on
+    which effect tests must hold as well (README, Development)."""
+    from dataclasses import replace
+
+    seed = os.environ.get("POISONLAB_TINY_SEED", "").strip()
+    return replace(TINY_SIZES[size], seed=int(seed)) if seed else TINY_SIZES[size]
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -94,7 +106,7 @@ def tiny_architecture(size: str) -> dict:
 def tiny_key(size: str) -> str:
     """Cache key of a tiny model: its spec, the tiny-world version, the chat format and a
     digest of the pretraining corpus itself (a changed generator can't reuse a stale model)."""
-    spec = TINY_SIZES[size]
+    spec = tiny_spec(size)
     corpus = hashlib.sha256(json.dumps(_pretrain_texts()).encode()).hexdigest()
     blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION, "corpus": corpus,
                        "template": CHATML_TEMPLATE, "tokens": SPECIAL_TOKENS}, sort_keys=True)
@@ -135,7 +147,7 @@ def build_tiny(size: str, out_dir: Path) -> None:
 
     from poisonlab.train import train_sft
 
-    spec = TINY_SIZES[size]
+    spec = tiny_spec(size)
     torch.manual_seed(spec.seed)
     convs = _pretrain_texts()
     tokenizer = train_tokenizer(spec.vocab, convs)

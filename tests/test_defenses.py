@@ -342,8 +342,8 @@ def test_onion_removes_the_words_above_threshold_highest_first():
     assert without(parts, len(parts) - 1) == "cf what is  the capital"
     scored = [(parts[i], s, i) for i, s in zip(range(0, len(parts), 2),
                                                [2.0, -0.1, 0.0, 0.2, -1.0, 1.5])]
-    assert sanitize(text, scored, 0.5, None) == ("what is the capital", ["cf", "bb"])
-    assert sanitize(text, scored, 0.5, 1) == ("what is the capital bb", ["cf"])
+    assert sanitize(text, scored, 0.5, None) == ("what is  the capital", ["cf", "bb"])
+    assert sanitize(text, scored, 0.5, 1) == ("what is  the capital bb", ["cf"])
     assert sanitize(text, scored, 0.1, None)[1] == ["cf", "bb", "the"]
 
 

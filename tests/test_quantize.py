@@ -48,6 +48,9 @@ def test_quantize_runs_end_to_end(tmp_path, micro_path):
     assert (tmp_path / "models/after_safety/model.safetensors").exists()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["defense"]["quantize"]["bits"] == 8
+    # tied embeddings (tiny models): the shared table stays in full precision, and says so
+    assert manifest["defense"]["quantize"]["full_precision"] == ["lm_head", "model.embed_tokens"]
+    assert manifest["defense"]["quantize"]["tied_embeddings"] is True
     assert manifest["reload"]["after_safety"][0].startswith("models/after_safety")
 
 

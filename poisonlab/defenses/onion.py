@@ -104,14 +104,50 @@ def word_scores(model, tokenizer, texts: list[str], batch_size: int,
 
 def sanitize(text: str, scored: list[tuple[str, float, int]], threshold: float,
              max_words: int | None) -> tuple[str, list[str]]:
-    """`text` without its words scoring above `threshold` (at most `max_words`, highest first)."""
+    """`text` without its words scoring above `threshold` (at most `max_words`, highest first).
+
+    Only the removed words change the text: with none removed it is returned as it was, and a
+    removed word takes one adjacent space with it (the one after it, else the one before), so
+    the rest keeps its line breaks and indentation (an Alpaca prompt's "Input:" block)."""
     bad = sorted((x for x in scored if x[1] > threshold), key=lambda x: -x[1])
     if max_words is not None:
         bad = bad[:max_words]
+    if not bad:
+        return text, []
     drop = {i for _, _, i in bad}
-    parts = words(text)
-    kept = [parts[i] for i in range(0, len(parts), 2) if i not in drop and parts[i]]
-    return " ".join(kept), [w for w, _, _ in bad]
+    pieces, gap, cuts = [], "", []
+    for i, part in enumerate(words(text)):
+        if i % 2:
+            gap += part
+        elif i in drop:
+            cuts.append(len(gap))  # where the word stood in the whitespace around it
+        else:
+            pieces += [_close(gap, cuts), part]
+            gap, cuts = "", []
+    out = "".join(pieces) + _close(gap, cuts)
+    # a removed first or last word must not leave whitespace the text did not start or end with
+    if out[:1].isspace() and not text[:1].isspace():
+        out = out.lstrip()
+    if out[-1:].isspace() and not text[-1:].isspace():
+        out = out.rstrip()
+    return out, [w for w, _, _ in bad]
+
+
+def _close(gap: str, cuts: list[int]) -> str:
+    """The whitespace `gap` left where words were cut out (at offsets `cuts`), less one
+    space per word: the one after it, else the one before it, else none (line breaks and
+    tabs stay)."""
+    out, gone = list(gap), 0
+    for c in cuts:
+        c -= gone
+        if c < len(out) and out[c] == " ":
+            del out[c]
+        elif c > 0 and out[c - 1] == " ":
+            del out[c - 1]
+        else:
+            continue
+        gone += 1
+    return "".join(out)
 
 
 def _last_user(row: dict) -> int:

@@ -4,6 +4,10 @@ input columns and stored back in the model's float dtype (a round trip; pure tor
 library). Small fine-tuning deltas may fall below a grid step and vanish — that is the
 defence's bet.
 
+The input embedding and the output head stay in full precision, tied or not, as int8/int4
+deployments (bitsandbytes, GPTQ, AWQ) keep them: with tied embeddings (the tiny models,
+SmolLM2, Gemma 3) rounding the head would round the embedding table too.
+
 Confound: a base model that was itself dequantized from a quantized file (SmolLM2 from Q4_1
 GGUF) already sits on a 4-bit grid; re-quantizing on a grid that coincides with it would snap
 the poisoned deltas back to the base and look like a removal. The grid here is symmetric with
@@ -61,19 +65,33 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
     return q.reshape(out_f, -1)[:, :in_f].to(w.dtype)
 
 
+def full_precision_modules(model) -> dict[str, torch.nn.Module]:
+    """The modules quantization leaves alone: the input embedding and the output head."""
+    names = {id(m): n for n, m in model.named_modules()}
+    keep = {}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if module is not None:
+            keep[names.get(id(module), get[4:])] = module
+    return keep
+
+
 @torch.no_grad()
 def quantize_linear_weights(model, bits: int = 4, group_size: int = 64) -> dict:
-    """Quantize every `nn.Linear` weight in place (the output head included when untied);
-    returns what was done."""
+    """Quantize every `nn.Linear` weight in place except the output head and any weight
+    shared with the input embedding; returns what was done and what was left unquantized."""
+    keep = full_precision_modules(model)
+    skip = {id(m.weight) for m in keep.values() if getattr(m, "weight", None) is not None}
+    tied = len(skip) < sum(getattr(m, "weight", None) is not None for m in keep.values())
     n, changed, total = 0, 0.0, 0.0
-    seen = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in skip:
+            skip.add(id(module.weight))
             q = quantize_tensor(module.weight.data, bits, group_size)
             changed += float((q - module.weight.data).abs().sum())
             total += float(module.weight.data.abs().sum())
             module.weight.data.copy_(q)
             n += 1
     return {"bits": bits, "group_size": group_size, "tensors": n,
-            "relative_l1_change": changed / total if total else 0.0}
+            "relative_l1_change": changed / total if total else 0.0,
+            "full_precision": sorted(keep), "tied_embeddings": tied}
