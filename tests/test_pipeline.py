@@ -220,3 +220,18 @@ def test_filter_top_k_breaks_ties_by_a_seeded_order_not_by_row_order():
     # real score differences still decide first
     scored = Detection([1.0 if i < 40 else 0.0 for i in range(400)], [False] * 400)
     assert filter_rows(rows, scored, "loss", 40, seed=3)[1]["removed_poisoned"] == 40
+
+
+def test_a_base_whose_weights_cannot_be_hashed_is_never_taken_from_the_cache(
+        tmp_path, micro_path, monkeypatch):
+    """A key without the weights' content could join two revisions of a model: such a run
+    computes its model stages and says so."""
+    from poisonlab import models
+    from poisonlab.pipeline.runner import prepare
+
+    monkeypatch.setattr(models, "weights_identity",
+                        lambda path: {"weights_sha256": None, "revision": None})
+    ctx = prepare(make_cfg(*SMALL, "data.n_train=100", f"cache.dir={tmp_path / 's'}"),
+                  tmp_path / "a")
+    assert ctx.cacheable is False
+    assert any("cannot be hashed" in w for w in ctx.warnings)
