@@ -235,3 +235,20 @@ def test_a_base_whose_weights_cannot_be_hashed_is_never_taken_from_the_cache(
                   tmp_path / "a")
     assert ctx.cacheable is False
     assert any("cannot be hashed" in w for w in ctx.warnings)
+
+
+def test_filter_removal_seconds_are_the_retraining_whether_computed_or_reused(tmp_path,
+                                                                              micro_path):
+    """Filter then retrain is scored like every defence: its seconds are its own training,
+    evaluation excluded, and a reused `filtered` stage reports the seconds it took to compute."""
+    from poisonlab.pipeline.runner import run
+
+    args = (*SMALL, "experiment=backdoorllm_badnets", "data.n_train=100", "train.epochs=2",
+            "control=false", "safety=none", "detect=[ngram]", "filter.detector=ngram",
+            f"cache.dir={tmp_path / 'store'}")
+    first = run(make_cfg(*args), out_dir=tmp_path / "a")
+    again = run(make_cfg(*args, "eval.max_new_tokens=24"), out_dir=tmp_path / "b")
+    assert "filtered" in first["cache"]["computed"] and "filtered" in again["cache"]["reused"]
+    trained = round(first["train"]["filtered"]["seconds"], 3)
+    assert first["filtered"]["removal"]["seconds"] == trained
+    assert again["filtered"]["removal"]["seconds"] == trained
