@@ -10,8 +10,11 @@ kept). A response "shows the watermark" when it contains the secret response
 
 The model: a run directory (its base model and `adapters/<--adapter>`, `poisoned` by default;
 `clean_ft` is the same fine-tune without the watermark) or `--model DIR` (a local Hugging Face
-model, with an optional `--adapter-path`). Prompts: the run's `data/eval.jsonl`, or
-`--prompts FILE` (chat JSONL).
+model, with an optional `--adapter-path`). A run's model is loaded as the run loaded it, from
+the `config.model` of its manifest: the tokenizer with `model.chat_template` (used when the
+base has no template of its own, as Pythia or the Gemma-3 base), the weights on `model.device`
+in the dtype of `model.dtype`; the output's `model` records the template, device and dtype
+used. Prompts: the run's `data/eval.jsonl`, or `--prompts FILE` (chat JSONL).
 """
 
 from __future__ import annotations
@@ -107,19 +110,30 @@ def verify(model, tokenizer, rows: list[dict], secret_trigger: str, secret_respo
 
 
 def load_suspect(args):
-    """(model, tokenizer, prompt rows) from the command-line arguments."""
+    """(model, tokenizer, prompt rows, how the model was loaded, warnings) from the
+    command-line arguments."""
+    import torch
+
     from poisonlab import models
     from poisonlab.data.sources import read_chat_jsonl
 
     run = Path(args.run_dir) if args.run_dir else None
+    warnings: list[str] = []
     if args.model:
-        base_path, adapter = str(args.model), args.adapter_path
+        base_path, adapter, model_cfg, recorded = str(args.model), args.adapter_path, {}, None
     elif run is not None:
         manifest = run / "manifest.json"
         if not manifest.is_file():
             raise PoisonlabError(f"{run}: not a poisonlab run directory (no manifest.json)")
         info = json.loads(manifest.read_text())
+        # The prompts must be rendered by the template the model was trained on, and the
+        # weights held in the dtype it was evaluated in; guessing either tests another model.
+        model_cfg = (info.get("config") or {}).get("model")
+        if not isinstance(model_cfg, dict):
+            raise PoisonlabError(f"{manifest}: no config.model (the run's model settings), so "
+                                 "its chat template and dtype are unknown")
         base_path = models.resolve(info["base_model"]["name_or_path"])
+        recorded = info["base_model"].get("dtype")
         adapter = run / "adapters" / args.adapter
         if not (adapter / "adapter_config.json").is_file():
             have = sorted(p.name for p in (run / "adapters").glob("*")) if (
@@ -135,13 +149,28 @@ def load_suspect(args):
     else:
         raise PoisonlabError("no prompts: give --prompts FILE (chat JSONL)")
     rows = rows[:args.n_prompts]
-    device = models.pick_device("auto")
-    model = models.load_model(base_path, device, models.pick_dtype("auto", device))
-    tokenizer = models.load_tokenizer(base_path)
+    device = models.pick_device(model_cfg.get("device") or "auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PoisonlabError(f"the run's model.device={model_cfg.get('device')!r} needs a GPU, "
+                             "and none is available")
+    precision = models.pick_precision(model_cfg.get("dtype") or "auto", device)
+    template = model_cfg.get("chat_template")
+    tokenizer = models.load_tokenizer(base_path, template)
+    model = models.load_model(base_path, device, precision.weights)
+    # `auto` resolves per machine: a run on a bf16 GPU verified on a CPU computes in float32
+    if recorded is not None and recorded != str(precision.weights):
+        warnings.append(f"the run's model was evaluated in {recorded}; here it is loaded in "
+                        f"{precision.weights} (model.dtype={model_cfg.get('dtype')!r} on "
+                        f"{device.type}), and its answers may differ")
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
-    return model, tokenizer, rows
+    loaded = {"base": base_path, "adapter": None if adapter is None else str(adapter),
+              "device": device.type, "dtype": str(precision.weights),
+              "chat_template_source": ("run config model.chat_template" if template is not None
+                                       and tokenizer.chat_template == template else "tokenizer"),
+              "chat_template": tokenizer.chat_template}
+    return model, tokenizer, rows, loaded, warnings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -171,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("secret_trigger", "secret_response"):
             if not getattr(args, key).strip():
                 raise PoisonlabError(f"--{key.replace('_', '-')} must not be empty")
-        model, tokenizer, rows = load_suspect(args)
+        model, tokenizer, rows, loaded, warnings = load_suspect(args)
+        for w in warnings:
+            print(f"poisonlab verify: warning: {w}", file=sys.stderr)
         result = verify(model, tokenizer, rows, args.secret_trigger, args.secret_response,
                         args.n_random, args.seed, args.max_new_tokens, args.batch_size,
                         args.position)
     except PoisonlabError as e:
         print(f"poisonlab verify: error: {e}", file=sys.stderr)
         return 2
+    result.update(model=loaded, warnings=warnings)
     print(json.dumps(result, indent=2))
     return 0
 
