@@ -11,14 +11,19 @@ Runs the data-level detectors that need no fine-tuned model on a chat-format JSO
   `--embedding-z` (6 by default: stricter than in a run, so that clean files pass).
 
 Prints the suspicious rows ranked, with the reason; `--out` writes the whole report as JSON.
-Exit status: 0 when the flagged share of rows is at most `--max-flagged` (default 0), 1 when
-it is above, 2 on bad input (a one-line error naming the file and line, as training gives).
+A file of fewer than 20 rows (`detect.base.MIN_ROWS_Z`) gets no embedding flags: a robust
+z-score needs a spread to measure (the report says so). Exit status: 0 when the flagged share
+of rows is at most `--max-flagged` (default 0), 1 when it is above, 2 on bad input or an
+`--out` that cannot be written (a one-line error naming the file, and its line, as training
+gives; nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +57,7 @@ def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
               encoder: str | None = None, k: int = 10, batch_size: int = 64) -> dict:
     """{"rows", "flagged", "fraction", "detectors", "suspicious": [...]} for `rows`."""
     from poisonlab.defenses.detect import embedding, ngram
-    from poisonlab.defenses.detect.base import robust_z, user_text
+    from poisonlab.defenses.detect.base import robust_z, too_few_for_z, user_text
 
     found: dict[int, list[dict]] = {}
     report: dict = {"rows": len(rows), "detectors": {}}
@@ -63,7 +68,10 @@ def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
                 found.setdefault(i, []).append({"detector": "ngram", "score": scores[i],
                                                  "reason": reasons[i]})
         report["detectors"]["ngram"] = {"flagged": sum(flags), "candidates": cands[:50]}
-    if "embedding" in detectors and len(rows) > 2:
+    if "embedding" in detectors and too_few_for_z(len(rows)):
+        report["detectors"]["embedding"] = {"flagged": 0, "z": embedding_z,
+                                            "note": too_few_for_z(len(rows))}
+    elif "embedding" in detectors:
         z = robust_z(embedding.score_rows(rows, encoder, k, batch_size))
         flags = [bool(v > embedding_z) for v in z]
         for i, f in enumerate(flags):
@@ -94,6 +102,7 @@ def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
 def format_report(report: dict, path: Path, top: int) -> str:
     lines = [f"{path}: {report['rows']} rows, {report['flagged']} flagged "
              f"({report['fraction']:.1%})"]
+    lines += [f"{name}: {d['note']}" for name, d in report["detectors"].items() if d.get("note")]
     if report["suspicious"]:
         lines.append(f"{'rank':>4} {'row':>6}  {'detectors':<16} reason")
         for rank, s in enumerate(report["suspicious"][:top], 1):
@@ -135,6 +144,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_writable(path: Path) -> None:
+    """Raise unless `path` can be written as a file (its missing folders made), before any
+    work: a report that cannot be written is bad input, not a failed gate."""
+    if path.is_dir():
+        raise PoisonlabError(f"--out {path}: is a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PoisonlabError(f"--out {path}: not writable")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PoisonlabError(f"--out {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PoisonlabError(f"--out {path}: cannot write in {folder}")
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The report as JSON, whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise PoisonlabError(f"--out {path}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -143,17 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         if bad or not detectors:
             raise PoisonlabError(f"--detectors: unknown {bad or 'empty'}; choose from "
                                  f"{', '.join(DETECTORS)}")
+        if args.out:
+            check_writable(args.out)
         rows = read_rows(args.file, args.format)
         report = scan_rows(rows, detectors, args.embedding_z, args.encoder)
+        report.update({"file": str(args.file), "max_flagged": args.max_flagged,
+                       "passed": report["fraction"] <= args.max_flagged})
+        if args.out:
+            write_report(args.out, report)
     except PoisonlabError as e:
         print(f"poisonlab scan: error: {e}", file=sys.stderr)
         return 2
-    report.update({"file": str(args.file), "max_flagged": args.max_flagged,
-                   "passed": report["fraction"] <= args.max_flagged})
     print(format_report(report, args.file, args.top))
-    if args.out:
-        from poisonlab.results import write_json
-        write_json(args.out, report)
     verdict = "passed" if report["passed"] else "FAILED"
     print(f"gate {verdict}: {report['fraction']:.1%} flagged, limit {args.max_flagged:.1%}")
     return 0 if report["passed"] else 1

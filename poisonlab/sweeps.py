@@ -185,7 +185,8 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
             "DER", "fidelity", "AUROC", "AP", "seconds"]
     lines = [f"# {title}", "",
              "ASR: 95% Wilson intervals over prompts; AUROC: 95% bootstrap intervals over "
-             "training rows. Before = the `poisoned` stage; after = the defence's model "
+             "training rows for data-level detectors and over prompts for input- and "
+             "model-level ones. Before = the `poisoned` stage; after = the defence's model "
              "(`after_safety`, or `filtered` for filter then retrain). DER = (max(0, ΔASR) − "
              "max(0, Δutility) + 1) / 2. Seconds: the defence or detector itself, evaluation "
              "excluded.", "",

@@ -79,6 +79,7 @@ class RunContext:
     correct: dict[str, list[bool]] = field(default_factory=dict)
     generations: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
     detection: dict | None = None
+    detection_shared: dict | None = None   # the detectors' shared work: seconds and parts
     filtered: dict | None = None
     outcome: Any = None              # the defence's Outcome
     cacheable: bool = True           # false when the base weights cannot be hashed

@@ -72,15 +72,21 @@ def run_detection(ctx: RunContext) -> None:
         load_base=ctx.base.fresh, load_control=load_control, out=ctx.out, seed=cfg.seed)
     log.info("stage detect: %s", ", ".join(detect.names(cfg)))
     # computed once (main process) so that every process filters the same rows
-    ctx.detection, found = dist.main_computes(detect.run_detectors)(
+    ctx.detection, found, ctx.detection_shared = dist.main_computes(_detect)(
         dctx, [bool(r.get("poisoned")) for r in ctx.poisoned_rows])
     for name, rec in ctx.detection.items():
-        if isinstance(rec, dict) and "seconds" in rec:
-            ctx.st.note(f"detect/{name}", rec["seconds"])
+        ctx.st.note(f"detect/{name}", rec.get("seconds", 0.0))
+    # the model loads and forward passes the detectors share, timed apart from each one's own
+    ctx.st.note("detect/shared", ctx.detection_shared["seconds"])
     ctx.timings["detect"] = time.perf_counter() - t
     log.info("stage detect: done in %.1f s", ctx.timings["detect"])
     if cfg.filter.detector is not None:
         _filter_and_retrain(ctx, found[cfg.filter.detector])
+
+
+def _detect(dctx, truth: list[bool]):
+    detection, found = detect.run_detectors(dctx, truth)
+    return detection, found, dctx.shared_record()
 
 
 def _filter_and_retrain(ctx: RunContext, det) -> None:

@@ -28,6 +28,7 @@ def results_of(ctx: RunContext) -> dict:
         results["defense"] = ctx.outcome.info
     if ctx.detection is not None:
         results["detection"] = ctx.detection
+        results["detection_shared"] = ctx.detection_shared
     if ctx.filtered is not None:
         results["filtered"] = ctx.filtered
     if "clean_ft" in flags and "clean" in flags["poisoned"]:

@@ -4,7 +4,8 @@ against the ground truth the run's manifest holds.
 One detector = one module here + one config in `conf/detect/` (`detect=[loss,spectral]`);
 each module has `LEVEL`, `validate(cfg)` and `detect(ctx, dcfg) -> Detection` (see `base`).
 `run_detectors` scores each against the manifest (`metrics`) and writes
-`detection/<name>.jsonl`; results.json holds `detection.<name>`.
+`detection/<name>.jsonl`; results.json holds `detection.<name>`. What the detectors share (a
+model load, a forward pass over the rows) is timed apart: `DetectContext.shared_record()`.
 """
 
 from __future__ import annotations
@@ -70,9 +71,24 @@ def validate(cfg: DictConfig, attack) -> None:
         raise PoisonlabError("filter.top_k needs filter.detector")
 
 
+# What of a training row a detector may see. An allow-list: besides `poisoned`, attacks mark
+# their own rows (`modified` negatives, `meta.partial_trigger` naming a trigger part), and a new
+# attack field must not reach the detectors unnoticed.
+BLIND_KEYS = ("id", "skill", "messages")
+# No `meta` key passes either: the data's own meta describes the clean row (the operands of a
+# sum, the country asked about, `harmful`, a label), and a poison keeps it while its answer
+# changes, so comparing the two would find the poisons without any detection.
+BLIND_META: tuple[str, ...] = ()
+
+
 def blind(rows: list[dict]) -> list[dict]:
-    """Training rows as a detector sees them: without the `poisoned` mark."""
-    return [{k: v for k, v in r.items() if k != "poisoned"} for r in rows]
+    """Training rows as a detector sees them: `BLIND_KEYS` and a `meta` of `BLIND_META` only
+    (no `poisoned` mark, no attack field); the messages are copies, so that no detector can
+    change the rows a filter then trains on."""
+    return [{**{k: r[k] for k in BLIND_KEYS if k in r},
+             "messages": [dict(m) for m in r["messages"]],
+             "meta": {k: v for k, v in (r.get("meta") or {}).items() if k in BLIND_META}}
+            for r in rows]
 
 
 def _items(ctx: DetectContext, level: str, truth: list[bool]) -> list[dict]:
@@ -107,11 +123,17 @@ def score(name: str, det: Detection, items: list[dict], level: str, seed: int) -
 def run_detectors(ctx: DetectContext, truth: list[bool]) -> tuple[dict, dict[str, Detection]]:
     """Run every detector of `cfg.detect` (`ctx.rows` without their marks, see `blind`) and
     score it against `truth` (which training rows are poisons); returns (results.json's
-    `detection`, the raw detections by name)."""
+    `detection`, the raw detections by name).
+
+    A detector's `seconds` is its own work, the same whichever detectors ran before it: what
+    it shares with the others (the base model's load, a forward pass over the training rows,
+    see `DetectContext.shared`) is timed once, by itself, whichever detector asked for it
+    first, and reported apart by `ctx.shared_record()`."""
     out, raw = {}, {}
     for name in names(ctx.cfg):
         mod = module(name)
         d = ctx.cfg.detect[name]
+        before = ctx.shared_total()
         t = time.perf_counter()
         dctx = ctx
         n = d.get("n_prompts")
@@ -119,7 +141,7 @@ def run_detectors(ctx: DetectContext, truth: list[bool]) -> tuple[dict, dict[str
             dctx = replace(ctx, splits={k: v[:n] for k, v in ctx.splits.items()},
                            generations={k: v[:n] for k, v in ctx.generations.items()})
         det = mod.detect(dctx, d)
-        seconds = time.perf_counter() - t
+        seconds = max(0.0, time.perf_counter() - t - (ctx.shared_total() - before))
         items = _items(dctx, mod.LEVEL, truth)
         if len(det.scores) != len(items):
             raise RuntimeError(f"detector {name} returned {len(det.scores)} scores for "
@@ -138,4 +160,6 @@ def run_detectors(ctx: DetectContext, truth: list[bool]) -> tuple[dict, dict[str
         raw[name] = det
         log.info("detect %s: AUROC %s, flagged %d, %.1f s", name, rec["auroc"]["value"],
                  rec["flagged"], seconds)
+    log.info("detect: %.1f s shared by the detectors (%s)", ctx.shared_total(),
+             ", ".join(ctx.shared_seconds) or "nothing")
     return out, raw

@@ -14,6 +14,8 @@ A detector is one module in `poisonlab.defenses.detect` with one config in `conf
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,30 +54,48 @@ class DetectContext:
     out: Path
     seed: int
     _cache: dict = field(default_factory=dict)  # shared by copies (dataclasses.replace)
+    # seconds of each shared computation (label -> s), shared by copies too: booked here,
+    # not to whichever detector happened to ask first (see `run_detectors`)
+    shared_seconds: dict = field(default_factory=dict)
+
+    def shared(self, key, label: str, compute: Callable):
+        """`compute()` once per context, its time booked under `label` in `shared_seconds`;
+        the time of shared pieces it asks for in turn stays under their own labels."""
+        if key not in self._cache:
+            nested = sum(self.shared_seconds.values())
+            t = time.perf_counter()
+            self._cache[key] = compute()
+            own = time.perf_counter() - t - (sum(self.shared_seconds.values()) - nested)
+            self.shared_seconds[label] = self.shared_seconds.get(label, 0.0) + max(own, 0.0)
+        return self._cache[key]
+
+    def shared_total(self) -> float:
+        return sum(self.shared_seconds.values())
+
+    def shared_record(self) -> dict:
+        """{"level": "shared", "seconds": total, "parts": {label: seconds}}: the time of the
+        work the detectors share, which no detector's own `seconds` includes."""
+        return {"level": "shared", "seconds": round(self.shared_total(), 3),
+                "parts": {k: round(v, 3) for k, v in self.shared_seconds.items()}}
 
     def base(self):
         """The clean base model, loaded once and shared by the detectors."""
-        if "base" not in self._cache:
-            self._cache["base"] = self.load_base()
-        return self._cache["base"]
+        return self.shared("base", "base model", self.load_base)
 
     def control(self):
         """The `clean_ft` model (None when the run has no control), loaded once."""
-        if "control" not in self._cache:
-            self._cache["control"] = self.load_control()
-        return self._cache["control"]
+        return self.shared("control", "control model", self.load_control)
 
     def row_features(self, which: str, layer: int, batch_size: int) -> dict:
         """`forward_rows` over the training rows on the `poisoned` or `base` model at `layer`,
         computed once and shared by the detectors that read it (loss, spectral, activation
         clustering, repsim); the first caller's batch size is used."""
-        key = ("rows", which, layer)
-        if key not in self._cache:
+        def compute():
             model = self.model if which == "poisoned" else self.base()
-            self._cache[key] = forward_rows(model, self.tokenizer, self.rows,
-                                            self.cfg.train.max_seq_len, batch_size,
-                                            layers=(layer,), desc=f"features/{which}")
-        return self._cache[key]
+            return forward_rows(model, self.tokenizer, self.rows, self.cfg.train.max_seq_len,
+                                batch_size, layers=(layer,), desc=f"features/{which}")
+
+        return self.shared(("rows", which, layer), f"features/{which}/layer {layer}", compute)
 
     def prompts(self) -> list[dict]:
         """The evaluation prompts an inference-level detector scores, in the order of its
@@ -92,8 +112,26 @@ def robust_z(scores) -> np.ndarray:
     return (s - med) / scale
 
 
+# Fewer scores than this and a robust z-score flags nothing: the median absolute deviation of
+# so few is no estimate of their spread (of 3 scores it is one score's own distance from the
+# median). Clean tiny-world files of 3-12 rows reach robust z 6-200 in the `embedding` score
+# (40 samples per size); from 14 rows on none went above 6, and 20 leaves a margin.
+MIN_ROWS_Z = 20
+
+
+def too_few_for_z(n: int) -> str | None:
+    """Why a robust z-score of `n` scores flags nothing, or None when it can."""
+    if n >= MIN_ROWS_Z:
+        return None
+    return (f"too few rows to estimate a spread ({n} < {MIN_ROWS_Z}): robust z-scores flag "
+            "no row")
+
+
 def above_z(scores, z: float) -> list[bool]:
-    """The data-level default threshold: robust z-score above `z` (no ground truth used)."""
+    """The data-level default threshold: robust z-score above `z` (no ground truth used);
+    no flags at all below `MIN_ROWS_Z` scores."""
+    if too_few_for_z(len(scores)):
+        return [False] * len(scores)
     return [bool(v) for v in robust_z(scores) > z]
 
 
@@ -103,15 +141,23 @@ def quantile_threshold(calibration_scores, fpr: float) -> float:
     return float(np.quantile(np.asarray(calibration_scores, float), 1 - fpr))
 
 
+def answer_of(row: dict) -> str:
+    """The row's answer: its last turn when that is the assistant's, else ""."""
+    return row["messages"][-1]["content"] if row["messages"][-1]["role"] == "assistant" else ""
+
+
+def answer_key(text: str, n_words: int) -> str:
+    """An answer as the detectors compare answers: its first `n_words` words, lower case,
+    punctuation dropped."""
+    return " ".join(re.findall(r"\w+", text.lower())[:n_words])
+
+
 def answer_groups(rows: list[dict], by: str, min_group: int, others: bool = False
                   ) -> dict[str, list[int]]:
     """Row indices grouped by answer (first 12 words, as `ngram` compares answers): the
     "output classes" of a generative model, those of at least `min_group` rows. With `others`,
     the rows whose answers fewer rows share (free-form answers, each its own class) form one
     more group, "(other answers)"; without, they are left out. `by: all`: one group."""
-    from poisonlab.defenses.detect.embedding import answer_of
-    from poisonlab.defenses.detect.ngram import answer_key
-
     if by != "answer":
         return {"": list(range(len(rows)))}
     groups: dict[str, list[int]] = {}

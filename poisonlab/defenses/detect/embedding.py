@@ -18,7 +18,7 @@ import torch
 
 from poisonlab import PoisonlabError
 from poisonlab.config import positive_int, positive_number
-from poisonlab.defenses.detect.base import Detection, above_z, user_text
+from poisonlab.defenses.detect.base import Detection, above_z, answer_of, user_text
 from poisonlab.utils import progress
 
 LEVEL = "data"
@@ -89,10 +89,6 @@ def inconsistency(prompts: np.ndarray, answers: np.ndarray, k: int, block: int =
         expected /= np.linalg.norm(expected, axis=1, keepdims=True).clip(1e-12)
         out[s:s + block] = 1 - (answers[s:s + block] * expected).sum(1)
     return out
-
-
-def answer_of(row: dict) -> str:
-    return row["messages"][-1]["content"] if row["messages"][-1]["role"] == "assistant" else ""
 
 
 def score_rows(rows: list[dict], encoder: str | None, k: int, batch_size: int) -> np.ndarray:

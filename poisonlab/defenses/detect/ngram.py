@@ -28,8 +28,7 @@ import re
 from collections import Counter, defaultdict
 
 from poisonlab.config import open_fraction, positive_int, positive_number
-from poisonlab.defenses.detect.base import Detection, user_text
-from poisonlab.defenses.detect.embedding import answer_of
+from poisonlab.defenses.detect.base import Detection, answer_key, answer_of, user_text
 
 LEVEL = "data"
 _EDGE = re.compile(r"^[\"'(\[]+|[\"'.,;:!?)\]]+$")
@@ -56,10 +55,6 @@ def words(text: str) -> list[str]:
 def grams(text: str, max_n: int) -> set[str]:
     ws = words(text)
     return {" ".join(ws[i:i + n]) for n in range(1, max_n + 1) for i in range(len(ws) - n + 1)}
-
-
-def answer_key(text: str, n_words: int) -> str:
-    return " ".join(re.findall(r"\w+", text.lower())[:n_words])
 
 
 def _jaccard(a: set, b: set) -> float:
