@@ -11,6 +11,7 @@ their key is made of (`poisonlab.pipeline.keys`) and go through the stage store.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -31,13 +32,20 @@ from poisonlab.pipeline.store import Stages, StageStore
 from poisonlab.pipeline.validate import build_attack, validate, wants_control
 from poisonlab.utils import seed_everything
 
+log = logging.getLogger(__name__)
+
 
 def fine_tune_and_evaluate(ctx: RunContext, stage: str, rows: list[dict]) -> None:
     """A model stage of the run (`clean_ft`, `poisoned`): its fine-tune, then its answers."""
     t = time.perf_counter()
     model = trained_stage(ctx, stage, rows, "poisoned_ft" if stage == "poisoned" else stage)
     evaluate_model(ctx, stage, f"{stage}_eval", lambda: model, ctx.model_stages[stage].key)
+    done(ctx, stage, t)
+
+
+def done(ctx: RunContext, stage: str, t: float) -> None:
     ctx.timings[stage] = time.perf_counter() - t
+    log.info("stage %s: done in %.1f s", stage, ctx.timings[stage])
 
 
 def prepare(cfg: DictConfig, out: Path) -> RunContext:
@@ -59,7 +67,7 @@ def _run(cfg: DictConfig, out: Path, t_start: float, identity: str) -> dict:
     ctx = prepare(cfg, out)
     t = time.perf_counter()
     evaluate_base(ctx)
-    ctx.timings["base"] = time.perf_counter() - t
+    done(ctx, "base", t)
     if ctx.control:
         fine_tune_and_evaluate(ctx, "clean_ft", ctx.clean_rows)
         ctx.models.pop("clean_ft")
