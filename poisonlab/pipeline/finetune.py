@@ -45,12 +45,12 @@ def lora(model, cfg, seed: int):
     return models.add_lora(model, cfg.train.lora)
 
 
-def load_stage(ctx: RunContext, stage: ModelStage, fresh: bool = True):
-    """The model of `stage` built from its stored adapters (eval mode; its last adapter stays
-    trainable, since defences may continue it)."""
+def load_stage(ctx: RunContext, stage: ModelStage):
+    """The model of `stage` built from its stored adapters on a fresh base (eval mode; its last
+    adapter stays trainable, since defences may continue it)."""
     from peft import PeftModel
 
-    model = ctx.base.fresh() if fresh else ctx.base.take()
+    model = ctx.base.fresh()
     for i, adapter in enumerate(stage.adapters):
         last = i == len(stage.adapters) - 1
         model = PeftModel.from_pretrained(model, str(ctx.out / adapter), is_trainable=last)
