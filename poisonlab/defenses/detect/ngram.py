@@ -4,7 +4,12 @@ the rest of their prompts does not explain.
 Answers are grouped by their first `answer_words` words (lower case, punctuation dropped).
 An n-gram (up to `max_n` words) of the user turns is a trigger candidate when
 
-* it occurs in at least `min_rows` rows and in at most `max_df` of all rows (rare),
+* it is rare: it occurs in at least `min_rows` rows, and the one-sided 95% upper confidence
+  bound (Wilson score) of its share of the rows is at most `max_df` — rare in what the file
+  was drawn from, not only in the rows it happens to hold. A small file shows no share that
+  well: at 15%, 3 rows are rare from 47 rows on and 10 from 108, so files of fewer than 47
+  rows get no candidate (a bare share let a kind of prompt that is a sixth of the rows pass
+  as rare where rounding made it 15% or less: 3 of 20, 6 of 40),
 * at least `min_agreement` of its rows give the same answer, and
 * the other words of those rows do not predict that answer: over rows *without* the n-gram,
   the mean rate of that answer among rows sharing each other word is below `max_context`
@@ -12,33 +17,47 @@ An n-gram (up to `max_n` words) of the user turns is a trigger candidate when
   is not a candidate),
 * its rows are no more alike than `max_overlap` times two random rows (mean Jaccard overlap
   of their other words): a planted trigger sits in otherwise unrelated prompts, while an
-  entity ("Zorbia" -> its capital) sits in one kind of question, and
-* the answer does not contain the n-gram itself (a word copied into its answer).
+  entity ("Zorbia" -> its capital) sits in one kind of question,
+* its rows are not a kind of prompt of their own: for at most `max_own_kind` (half) of them
+  is the most similar other row, on the words besides those in all of its rows, another row
+  with the n-gram rather than one without (ties go to the rows without). A trigger is added
+  to ordinary prompts, whose like the file holds without it; the refusal requests of the tiny
+  world, all "... restricted task R-nnn ..." with one answer, are a kind of their own (and
+  rare in files of 2,000 rows or more: the fine-tuning pool holds 233), and
+* the answer is not made of the n-gram's own letters: it does not contain the n-gram (a word
+  copied into its answer) nor is it the n-gram's letters in another order ("castle" ->
+  "eltsac").
 
 A row's score is the largest candidate score (rows x agreement x (1 - context rate)) among the
 candidates it contains whose answer it gives; rows with none score 0. Every candidate row is
 flagged, with a reason such as "rare token 'cf' in 9 rows whose answers are identical". Needs
-no model (`poisonlab scan`). Cost: counting; seconds for 10^5 rows.
+no model (`poisonlab scan`). Cost: counting, and a nearest-row search for each n-gram that
+passes the other tests; seconds for 10^5 rows.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter, defaultdict
+
+import numpy as np
 
 from poisonlab.config import open_fraction, positive_int, positive_number
 from poisonlab.defenses.detect.base import Detection, answer_key, answer_of, user_text
 
 LEVEL = "data"
 _EDGE = re.compile(r"^[\"'(\[]+|[\"'.,;:!?)\]]+$")
+# z of the one-sided 95% bound under which an n-gram's share of the rows must lie to be rare
+RARE_Z = 1.645
 
 
 def validate(cfg) -> None:
     key = "detect.ngram"
     for k in ("max_n", "min_rows", "answer_words"):
         positive_int(cfg, f"{key}.{k}")
-    for k in ("max_df", "min_agreement", "max_context"):
+    for k in ("max_df", "min_agreement", "max_context", "max_own_kind"):
         open_fraction(cfg, f"{key}.{k}")
     positive_number(cfg, f"{key}.max_overlap")
 
@@ -57,6 +76,36 @@ def grams(text: str, max_n: int) -> set[str]:
     return {" ".join(ws[i:i + n]) for n in range(1, max_n + 1) for i in range(len(ws) - n + 1)}
 
 
+def upper_share(k: int, n: int, z: float = RARE_Z) -> float:
+    """One-sided upper confidence bound (Wilson score) of the share behind `k` rows of `n`."""
+    if n <= 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def rare_limit(n: int, max_df: float, z: float = RARE_Z) -> int:
+    """The most rows of `n` an n-gram may occur in and be rare: the largest k whose
+    `upper_share` is at most `max_df` (-1 when none is: too few rows to show a share)."""
+    k = -1
+    while k < n and upper_share(k + 1, n, z) <= max_df:
+        k += 1
+    return k
+
+
+def _letters(text: str) -> str:
+    return "".join(sorted(c for c in text.lower() if c.isalnum()))
+
+
+def spelled_from(gram: str, key: str) -> bool:
+    """Whether an answer (its `answer_key`) is made of the n-gram's own letters: it contains
+    the n-gram (in any case) or is the n-gram's letters in another order (reversed)."""
+    g = gram.lower()
+    return g in key or (_letters(g) != "" and _letters(g) == _letters(key))
+
+
 def _jaccard(a: set, b: set) -> float:
     return len(a & b) / max(1, len(a | b))
 
@@ -65,6 +114,33 @@ def _overlap(sets: list[set[str]], limit: int = 40) -> float:
     sets = sets[:limit]
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
     return sum(_jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 1.0
+
+
+def own_kind(hit: list[int], with_gram: set[int], sets: list[set[str]],
+             where: dict[str, np.ndarray], common: set[str], limit: int = 40) -> float:
+    """Share of the rows `hit` (the first `limit`) whose most similar other row, by Jaccard
+    overlap of the words besides `common`, is one of `with_gram` rather than another row
+    (ties go to the other rows): near 1 for a kind of prompt of its own, about the n-gram's
+    share of the rows for ordinary prompts it was added to. `where`: word -> rows with it."""
+    hit = hit[:limit]
+    if not hit:
+        return 0.0
+    n = len(sets)
+    size = np.array([len(s) for s in sets], float)
+    if common:
+        size -= np.bincount(np.concatenate([where[w] for w in common]), minlength=n)
+    inside = np.zeros(n, bool)
+    inside[list(with_gram)] = True
+    closer = 0
+    for i in hit:
+        mine = sets[i] - common
+        if not mine:
+            continue
+        shared = np.bincount(np.concatenate([where[w] for w in mine]), minlength=n).astype(float)
+        shared[i] = 0.0
+        sim = shared / (len(mine) + size - shared)
+        closer += bool(sim[inside].max(initial=0.0) > sim[~inside].max(initial=0.0))
+    return closer / len(hit)
 
 
 def baseline_overlap(sets: list[set[str]], n_pairs: int = 500) -> float:
@@ -78,7 +154,8 @@ def baseline_overlap(sets: list[set[str]], n_pairs: int = 500) -> float:
 
 def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.15,
          min_agreement: float = 0.8, max_context: float = 0.2, max_overlap: float = 2.0,
-         answer_words: int = 12) -> tuple[list[float], list[bool], list[str | None], list[dict]]:
+         answer_words: int = 12, max_own_kind: float = 0.5
+         ) -> tuple[list[float], list[bool], list[str | None], list[dict]]:
     """(scores, flags, reasons, candidates) for `rows` (chat rows ending with an answer)."""
     n = len(rows)
     toks = [grams(user_text(r), max_n) for r in rows]
@@ -89,11 +166,16 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
     for i, ts in enumerate(toks):
         for t in ts:
             df[t].append(i)
-    # word -> answer counts (for the context rate), over unigrams
-    word_rows = Counter(w for ws in unigrams for w in ws)
+    # word -> rows with it (for the nearest rows) and answer counts (for the context rate)
+    posting: dict[str, list[int]] = defaultdict(list)
+    for i, ws in enumerate(unigrams):
+        for w in ws:
+            posting[w].append(i)
+    where = {w: np.array(r, dtype=np.int64) for w, r in posting.items()}
+    word_rows = {w: len(r) for w, r in posting.items()}
     word_key: dict[tuple[str, str], int] = Counter((w, keys[i]) for i, ws in enumerate(unigrams)
                                                    for w in ws)
-    limit = max(min_rows, max_df * n)
+    limit = rare_limit(n, max_df)
     typical = baseline_overlap(unigrams)
     candidates = []
     for g, idx in df.items():
@@ -101,7 +183,7 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
             continue
         top, k = Counter(keys[i] for i in idx).most_common(1)[0]
         agreement = k / len(idx)
-        if k < min_rows or agreement < min_agreement or not top or g.lower() in top:
+        if k < min_rows or agreement < min_agreement or not top or spelled_from(g, top):
             continue
         hit = [i for i in idx if keys[i] == top]
         inside = Counter(w for i in idx for w in unigrams[i])
@@ -120,9 +202,14 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
         overlap = _overlap([unigrams[i] - gram_words for i in hit]) / typical
         if context >= max_context or overlap >= max_overlap:
             continue
+        common = set.intersection(*(unigrams[i] for i in hit)) | gram_words
+        kind = own_kind(hit, set(idx), unigrams, where, common)
+        if kind > max_own_kind:
+            continue
         candidates.append({"ngram": g, "rows": len(idx), "agreeing": k,
                            "agreement": agreement, "context_rate": context,
-                           "overlap_vs_random": overlap, "answer": answer_of(rows[hit[0]]),
+                           "overlap_vs_random": overlap, "own_kind": kind,
+                           "answer": answer_of(rows[hit[0]]),
                            "score": k * agreement * (1 - context), "members": hit})
     candidates.sort(key=lambda c: (-c["score"], c["ngram"]))
     # an n-gram whose rows all belong to a stronger candidate with the same answer adds nothing
@@ -148,8 +235,9 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
 
 
 def settings(d) -> dict:
-    return {k: d[k] for k in ("max_n", "min_rows", "max_df", "min_agreement", "max_context",
-                              "max_overlap", "answer_words")}
+    keys = ("max_n", "min_rows", "max_df", "min_agreement", "max_context", "max_overlap",
+            "answer_words", "max_own_kind")
+    return {k: d[k] for k in keys if k in d}
 
 
 def detect(ctx, d) -> Detection:
