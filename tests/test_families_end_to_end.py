@@ -57,6 +57,7 @@ def test_family_shows_its_intended_effect(family_run):
     print(json.dumps({"family": family, "seed": cfg.seed,
                       **{k: pois[k] for k in ("asr", "ftr_clean") if k in pois},
                       **({"ftr_clean_excess": clean_excess(out)} if family == "dos" else {}),
+                      **({"asr_lift": paired_excess(out, "triggered")} if "asr" in pois else {}),
                       "utility_drop": results["utility_drop"]["vs_base"]}))
     if family == "random":
         drop = results["utility_drop"]["vs_base"]
