@@ -27,6 +27,9 @@ STAGE_MODULES = {
     "clean_ft": ("poisonlab.pipeline.finetune",),
     "poisoned_ft": ("poisonlab.pipeline.finetune",),
     "poisoned_eval": ("poisonlab.pipeline.evaluation",),
+    "filtered": ("poisonlab.pipeline.finetune",),
+    "filtered_eval": ("poisonlab.pipeline.evaluation",),
+    "round/<stage>": ("poisonlab.pipeline.finetune",),
 }
 
 
@@ -77,6 +80,18 @@ def test_every_module_a_stage_loads_is_in_its_key(stage):
     missing = sorted(set(loaded) - covered)
     assert not missing, missing
     assert len(loaded) > 3
+
+
+def test_every_cached_stage_is_keyed_by_its_own_module():
+    """Each pipeline module that stores a stage keys it by its own import closure, and is the
+    module `STAGE_MODULES` names for it."""
+    named = {m for mods in STAGE_MODULES.values() for m in mods}
+    for path in PIPELINE.glob("*.py"):
+        text = path.read_text()
+        if ".st.run(" not in text:
+            continue
+        assert "key_of(__name__" in text or "modules = [__name__]" in text, path.name
+        assert f"poisonlab.pipeline.{path.stem}" in named, path.name
 
 
 def test_every_stage_keys_its_code_by_its_closure(monkeypatch):
