@@ -267,3 +267,33 @@ def test_filter_removal_seconds_are_the_retraining_whether_computed_or_reused(tm
     trained = round(first["train"]["filtered"]["seconds"], 3)
     assert first["filtered"]["removal"]["seconds"] == trained
     assert again["filtered"]["removal"]["seconds"] == trained
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "prune", "quantize", "decoding", "onion",
+                                    "none"])
+def test_the_persistence_curve_is_on_by_default_for_training_defences_only(method):
+    """Without `debug=default` (which gives every safety config `n_rows`), a defence that does
+    not train has no training knobs at all: the curve's default must not need them."""
+    from poisonlab.defenses import TRAINED
+    from poisonlab.pipeline.defend import CURVE_POINTS, curve_every
+
+    cfg = make_cfg(f"safety={method}")
+    every = curve_every(cfg)
+    if method not in TRAINED:
+        assert every is None
+        return
+    from poisonlab.defenses.base import stage_train_cfg
+    from poisonlab.train import planned_steps
+
+    planned = planned_steps(cfg.safety.n_rows, stage_train_cfg(cfg, cfg.safety))
+    assert every >= 1 and planned / every <= CURVE_POINTS < planned / every + 1
+    assert curve_every(make_cfg(f"safety={method}", "safety.eval_every=null")) is None
+
+
+def test_a_defence_without_training_knobs_runs_outside_debug(tmp_path, micro_path):
+    from poisonlab.pipeline.runner import run
+
+    res = run(make_cfg("model=tiny_micro", "data.n_train=100", "train.epochs=1",
+                       "eval.n_prompts=8", "safety=quantize", "control=false",
+                       f"cache.dir={tmp_path / 'store'}"), out_dir=tmp_path / "run")
+    assert res["removal"]["method"].startswith("quantize") and "curves" not in res

@@ -24,14 +24,15 @@ REMOVED_BELOW = 0.1  # a backdoor counts as removed once ASR falls below this
 CURVE_POINTS = 4     # `safety.eval_every: auto`: about this many points after the start
 
 
-def curve_every(cfg, n_rows: int) -> int | None:
+def curve_every(cfg, n_rows: int = 0) -> int | None:
     """`safety.eval_every` as a number of optimizer steps: `auto` takes about CURVE_POINTS
-    points over the defence's planned steps; null (or a method that does not train) none."""
+    points over the defence's planned steps on `n_rows` rows (default `safety.n_rows`); null,
+    or a method that does not train (its config has no training knobs), none."""
     every = cfg.safety.get("eval_every")
     if cfg.safety.method not in defenses.TRAINED or every is None:
         return None
     if every == "auto":
-        planned = planned_steps(n_rows, stage_train_cfg(cfg, cfg.safety))
+        planned = planned_steps(n_rows or cfg.safety.n_rows, stage_train_cfg(cfg, cfg.safety))
         return max(1, math.ceil(planned / CURVE_POINTS))
     return int(every)
 
@@ -59,7 +60,7 @@ def defend(ctx: RunContext) -> None:
     seed_everything(cfg.seed + 2)  # the same start whether detectors ran or not
     t = time.perf_counter()
     train_cfg = stage_train_cfg(cfg, cfg.safety)
-    every = curve_every(cfg, len(ctx.safety_rows) or cfg.safety.n_rows)
+    every = curve_every(cfg, len(ctx.safety_rows))
 
     def safety_train(model, rows, adapter=None, weights=None, objective=None, trainer=None):
         return finetune(ctx, model, rows, "after_safety", adapter, train_cfg, cfg.seed + 1,
