@@ -4,6 +4,7 @@ external files' content, verified payloads), rounds that chain through their par
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -65,17 +66,24 @@ def test_import_closure_follows_function_level_and_relative_imports():
     assert module_file("poisonlab.PoisonlabError") is None
 
 
+@functools.lru_cache(maxsize=None)
+def _loaded_by(modules: tuple[str, ...]) -> list[str]:
+    """The poisonlab files a fresh interpreter has loaded after importing `modules` (one
+    interpreter per distinct set: stages computed by the same module share it)."""
+    code = ("import importlib, json, sys\n"
+            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
+            "    if n.split('.')[0] == 'poisonlab' and getattr(m, '__file__', None))))")
+    return json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                                     capture_output=True, text=True).stdout)
+
+
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
 def test_every_module_a_stage_loads_is_in_its_key(stage):
     """Import the stage's modules in a fresh interpreter, then run the stage's functions'
     own lazy imports: every poisonlab file Python loaded must be in the key's closure."""
     modules = STAGE_MODULES[stage]
-    code = ("import importlib, json, sys\n"
-            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
-            "    if n.split('.')[0] == 'poisonlab' and getattr(m, '__file__', None))))")
-    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                                       capture_output=True, text=True).stdout)
+    loaded = _loaded_by(modules)
     covered = {str(p) for p in import_closure(*modules)}
     missing = sorted(set(loaded) - covered)
     assert not missing, missing
