@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.conftest import make_cfg
+from tests.test_detection import plant
 
 # size -> seeds of the clean samples; None: the whole fine-tuning pool (3,480 rows). Before
 # the rules below, 17 of 30 clean samples of each size from 18 to 23 rows were flagged
@@ -98,28 +99,13 @@ def test_a_kind_of_prompt_of_its_own_is_no_trigger():
     assert sum(flags) == 233
 
 
-def _plant(rows, word, answer, n, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    rows = [dict(r, poisoned=False) for r in rows]
-    for i in rng.sample(range(len(rows)), n):
-        msgs = [dict(m) for m in rows[i]["messages"]]
-        ws = msgs[-2]["content"].split(" ")
-        ws.insert(rng.randint(0, len(ws)), word)
-        msgs[-2]["content"] = " ".join(ws)
-        msgs[-1]["content"] = answer
-        rows[i] = {**rows[i], "messages": msgs, "poisoned": True}
-    return rows
-
-
 @pytest.mark.parametrize("n,k", [(60, 3), (100, 5), (200, 10), (1000, 3), (3480, 40)])
 def test_a_planted_trigger_is_still_found_from_small_files_on(n, k):
     from poisonlab.data import tinyworld
     from poisonlab.defenses.detect import ngram
 
     for seed in range(2):
-        rows = _plant(tinyworld.sample("finetune", n if n < 3480 else None, seed), "cf",
+        rows = plant(tinyworld.sample("finetune", n if n < 3480 else None, seed), "cf",
                       "Access granted.", k, seed)
         _, flags, _, cands = ngram.scan(rows)
         assert flags == [r["poisoned"] for r in rows], (seed, [c["ngram"] for c in cands])
