@@ -48,9 +48,9 @@ def done(ctx: RunContext, stage: str, t: float) -> None:
     log.info("stage %s: done in %.1f s", stage, ctx.timings[stage])
 
 
-def prepare(cfg: DictConfig, out: Path) -> RunContext:
+def prepare(cfg: DictConfig, out: Path, attack=None) -> RunContext:
     """The run up to its base model: data, poison, evaluation splits."""
-    attack = build_attack(cfg.attack)
+    attack = attack if attack is not None else build_attack(cfg.attack)
     seed_everything(cfg.seed)
     ctx = RunContext(cfg=cfg, attack=attack, out=out, st=Stages(stage_store(cfg), out),
                      control=wants_control(cfg, attack))
@@ -63,8 +63,8 @@ def prepare(cfg: DictConfig, out: Path) -> RunContext:
     return ctx
 
 
-def _run(cfg: DictConfig, out: Path, t_start: float, identity: str) -> dict:
-    ctx = prepare(cfg, out)
+def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> dict:
+    ctx = prepare(cfg, out, attack)
     t = time.perf_counter()
     evaluate_base(ctx)
     done(ctx, "base", t)
@@ -72,8 +72,7 @@ def _run(cfg: DictConfig, out: Path, t_start: float, identity: str) -> dict:
         fine_tune_and_evaluate(ctx, "clean_ft", ctx.clean_rows)
         ctx.models.pop("clean_ft")
     fine_tune_and_evaluate(ctx, "poisoned", ctx.poisoned_rows)
-    # later stages start from the same random state whether the ones above were computed or
-    # reused
+    # later stages start from the same random state, computed or reused above
     seed_everything(cfg.seed + 1)
     run_detection(ctx)
     defend(ctx)
@@ -83,7 +82,8 @@ def _run(cfg: DictConfig, out: Path, t_start: float, identity: str) -> dict:
 def run(cfg: DictConfig, out_dir=None) -> dict:
     """Run one experiment; returns the results dict also written to results.json."""
     t_start = time.perf_counter()
-    validate(cfg, build_attack(cfg.attack))
+    attack = build_attack(cfg.attack)
+    validate(cfg, attack)
     dist.world_size()  # under a launcher: the process group (and each process's GPU) first
     # every process writes into the main process's directory (Hydra's timestamp may differ)
     out = dist.broadcast_object(output_dir(cfg, out_dir))
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
             print(f"outputs: {out} (a finished run of the same config; nothing recomputed)")
         return finished
     try:
-        return _run(cfg, out, t_start, identity)
+        return _run(cfg, attack, out, t_start, identity)
     except (PoisonlabError, KeyboardInterrupt):
         # nothing half-written: a refused run leaves only Hydra's own files behind
         if dist.is_main():
