@@ -12,6 +12,7 @@ available, gloo otherwise (or with ACCELERATE_USE_CPU=true).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from datetime import timedelta
@@ -48,7 +49,19 @@ def _group() -> bool:
     else:
         backend = "gloo"
     tdist.init_process_group(backend=backend, timeout=TIMEOUT)
+    atexit.register(_shutdown)
     return tdist.get_world_size() > 1
+
+
+def _shutdown() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to the interpreter's own teardown, gloo's worker threads can be destroyed while still
+    joinable, which aborts the process ("terminate called without an active exception", exit
+    -6) after it has done all its work.
+    """
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def launched() -> bool:
