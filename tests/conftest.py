@@ -9,7 +9,7 @@ from poisonlab.config import CONF_DIR as CONF
 from poisonlab.config import compose_config as make_cfg
 
 # Seeds for the end-to-end effect tests: `POISONLAB_TEST_SEEDS=0,1,2,3,4` for the robustness
-# check before a submission (README, Development); one seed by default.
+# check before a submission (docs/testing.md); one seed by default.
 TEST_SEEDS = [int(s) for s in os.environ.get("POISONLAB_TEST_SEEDS", "0").split(",") if s.strip()]
 
 os.environ.setdefault("POISONLAB_QUIET", "1")

@@ -222,7 +222,7 @@ def test_pick_precision():
     p = models.pick_precision("mixed_bf16", CPU)
     assert (p.weights, p.autocast, p.name) == (torch.float32, torch.bfloat16,
                                                "float32+autocast_bfloat16")
-    assert models.pick_precision("auto", CPU).name == "float32"  # the numerics check: README
+    assert models.pick_precision("auto", CPU).name == "float32"  # the numerics check: docs/models.md
     assert models.pick_precision("float32", CPU).autocast is None
     assert models.pick_precision("bfloat16", CPU).weights == torch.bfloat16
     assert models.pick_dtype("float16", CPU) == torch.float16

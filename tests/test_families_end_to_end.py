@@ -6,7 +6,7 @@ their float bits from machine to machine (thread count, kernels). The effect ass
 therefore made where the effect is far from its threshold: budgets well past what the micro
 model needs, 200 prompts per split, and bounds on the Wilson interval rather than on a point
 estimate at its edge. `POISONLAB_TEST_SEEDS=0,1,2,3,4` runs every family at five seeds (the
-robustness check in the README); the default is seed 0.
+robustness check in docs/testing.md); the default is seed 0.
 """
 
 import json
@@ -32,11 +32,11 @@ CASES = {
     "random": ("attack=random", "attack.mode=wrong_label", "attack.poison_rate=0.8"),
 }
 # Bounds per family: the Wilson interval of ASR must lie above `asr_low`, that of FTR_clean
-# below `ftr_high` (for dos: the bootstrap interval of its excess over the base model). Measured on five seeds with 1 and 2 threads (README, Development): the
+# below `ftr_high` (for dos: the bootstrap interval of its excess over the base model). Measured on five seeds with 1 and 2 threads (docs/testing.md): the
 # smallest ASR lower bound and the largest FTR_clean upper bound stay clear of these.
 BOUNDS = {"badnets": (0.75, 0.10), "semantic": (0.75, 0.10), "dos": (0.75, 0.10)}
 # ...and the ASR the poison added over the base model on the same triggered prompts (paired
-# bootstrap) must lie above this (worst case measured: see the README's robustness table)
+# bootstrap) must lie above this (worst case measured: see the robustness table in docs/results.md)
 LIFT_LOW = 0.5
 
 

