@@ -53,13 +53,23 @@ def _group() -> bool:
     return tdist.get_world_size() > 1
 
 
-def _shutdown() -> None:
-    """Tear the process group down before the interpreter exits.
+def shutdown() -> None:
+    """Leave the process group once every process is done (a no-op with one process).
 
-    Left to the interpreter's own teardown, gloo's worker threads can be destroyed while still
-    joinable, which aborts the process ("terminate called without an active exception", exit
-    -6) after it has done all its work.
+    Call it at the end of a program that ran under a launcher: the barrier makes sure no
+    process tears its connections down while another still completes a collective, and the
+    explicit teardown joins gloo's worker threads while the interpreter is fully alive.
+    Left to the interpreter's own teardown, those threads can still hold work with tensors,
+    and the process aborts after it has done all its work ("terminate called without an
+    active exception", exit -6), which the launcher reports as a failed run.
     """
+    if _solo == 0 and tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def _shutdown() -> None:
+    """At exit, without the barrier (another process may have failed): the teardown alone."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 

@@ -84,6 +84,7 @@ def _remove_if_empty_run_dir(cfg) -> None:
 
 def main() -> None:
     _hydra_main()
+    dist.shutdown()  # under a launcher: every process done, then the group torn down
 
 
 if __name__ == "__main__":

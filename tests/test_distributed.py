@@ -134,6 +134,7 @@ def run(micro_path, out):
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2])
+    dist.shutdown()
 '''
 
 
@@ -148,6 +149,8 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert (dist.world_size(), dist.rank(), dist.is_main(), dist.launched()) == (1, 0, True, False)
     dist.barrier()
+    dist.shutdown()  # nothing to leave: no process group was started
+    assert not torch.distributed.is_initialized()
     obj = {"a": [1, 2]}
     assert dist.broadcast_object(obj) is obj
     t = torch.arange(4.0)
