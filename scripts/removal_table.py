@@ -7,10 +7,12 @@
 
 Each method runs in its own `python -m poisonlab.run experiment=<e> safety=<method> ...`
 process with its Hydra run directory at `<out>/<label>` (default `runs/removal/<date_time>/`).
-`--collect DIR...` only reads finished runs. Columns: ASR of `poisoned` → `after_safety` with
-the latter's 95% interval, persistence with its paired bootstrap interval, clean utility before
-→ after, DER, fidelity, the defence's own seconds (evaluation excluded) and, for
-`adversarial`, the eliciting red-team prompts before → after.
+`--collect DIR...` only reads finished runs. Columns: ASR of `poisoned` → the defended stage
+(`after_safety`; `filtered` for filter then retrain) with the latter's 95% interval,
+persistence with its paired bootstrap interval, clean utility before → after, DER (defence
+effectiveness rating, defined under the table), fidelity, the defence's own seconds (evaluation
+excluded) and, for `adversarial`, the eliciting red-team prompts before → after. The removal
+record of each run is read as `poisonlab report` reads it (`poisonlab.report.removal_of`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's poisonlab, installed or not
+
+from poisonlab.report import DER_NOTE, removal_of  # noqa: E402
+
 DEFAULT_METHODS = ["sft", "sft safety.mode=continue", "sft safety.mode=full safety.lr=1e-4",
                    "adversarial", "dpo", "crow", "prune", "prune safety.granularity=neuron",
                    "fine_prune", "quantize", "quantize safety.bits=8", "decoding", "onion"]
@@ -35,13 +41,16 @@ def ci(m: dict | None) -> str:
 
 
 def row(label: str, res: dict) -> dict:
-    st, rem = res["stages"], res.get("removal", {})
-    pre, post = st["poisoned"], st.get("after_safety", {})
+    st = res["stages"]
+    after, rem = removal_of(res) or ("after_safety", {})
+    pre, post = st["poisoned"], st.get(after, {})
     p = res.get("persistence")
     el = ""
     if rem.get("eliciting_before") is not None:
         el = f"{rem['eliciting_before']} → {rem['eliciting_after']}"
     fid = rem.get("fidelity")
+    if not post:
+        return {"method": label, "asr": f"{pre['asr']['value']:.2f} → -", "n": pre["asr"]["n"]}
     return {"method": label,
             "asr": f"{pre['asr']['value']:.2f} → {post['asr']['value']:.2f}{ci(post['asr'])}",
             "persistence": f"{p['value']:.2f}{ci(p)}" if p else "-",
@@ -54,13 +63,14 @@ def row(label: str, res: dict) -> dict:
 
 
 def label_of(run_dir: Path) -> str:
-    """`safety=<method>` plus the run's own safety overrides, from Hydra's record."""
+    """`safety=<method>` (or a benchmark's `arm=<arm>`) plus the run's own safety overrides,
+    from Hydra's record."""
     over = run_dir / ".hydra" / "overrides.yaml"
     if over.exists():
         import yaml
 
         items = [o for o in yaml.safe_load(over.read_text()) or []
-                 if o.startswith(("safety", "defense"))]
+                 if o.startswith(("safety", "defense", "arm="))]
         if items:
             return " ".join(items)
     return run_dir.name
@@ -102,6 +112,7 @@ def main() -> None:
     print("|" + " --- |" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    print("\n" + DER_NOTE)
     if any(r.get("asr") == "error" for r in rows):
         sys.exit(1)
 

@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 T_975_DF2 = 4.302652729911275  # Student-t 0.975 quantile, 2 degrees of freedom (tables)
 
 
+def wilson_3_seeds(xs) -> tuple[float, float]:
+    """The Wilson score interval of the mean of 3 seeds' rates, with the effective sample size
+    m(1 - m)/se^2 and the Student-t quantile (2 degrees of freedom) in place of z."""
+    m = sum(xs) / 3
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / 2 / 3)
+    n, q = m * (1 - m) / se ** 2, T_975_DF2
+    centre = (m + q * q / (2 * n)) / (1 + q * q / n)
+    half = q / (1 + q * q / n) * math.sqrt(m * (1 - m) / n + q * q / (4 * n * n))
+    return centre - half, centre + half
+
+
 def rate(value: float, n: int = 100) -> dict:
     return {"value": value, "ci_low": round(max(0.0, value - 0.1), 10),
             "ci_high": round(min(1.0, value + 0.1), 10),
@@ -142,8 +153,9 @@ def test_published_figures_beside_ours(tmp_path):
     assert (row.value, row.published, row.published_source) == (
         0.9, 0.95, "Author et al. 2024, Table 2")
     md = format_markdown(aggregate(df))
-    assert "| asr_poisoned | asr_poisoned (published) |" in md
-    assert "| 0.900 | 0.950 (Author et al. 2024, Table 2) |" in md
+    assert "| metric | ours | published |" in md
+    assert "| asr_poisoned | 0.900 | 0.950 (Author et al. 2024, Table 2) |" in md
+    assert "| persistence | 0.500 | 0.800 |" in md
 
     # a direction in words, where the paper has no number for this setting
     words = {"asr_poisoned": {"value": "high at 250 poisons", "source": "Someone 2025"}}
@@ -169,7 +181,7 @@ def test_t_quantile_matches_tables(df, expected):
     assert t_quantile(df) == pytest.approx(expected, abs=1e-8)
 
 
-def test_aggregate_over_seeds_with_a_student_t_interval(tmp_path):
+def test_aggregate_over_seeds_with_an_interval_over_seeds(tmp_path):
     for seed, asr in enumerate([0.8, 0.9, 0.95]):
         make_run(tmp_path / f"p10_s{seed}", seed=seed, n_poison=10, asr=asr)
     for seed, asr in ((1, 0.7), (0, 0.6)):
@@ -182,15 +194,18 @@ def test_aggregate_over_seeds_with_a_student_t_interval(tmp_path):
     mean = (0.8 + 0.9 + 0.95) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in (0.8, 0.9, 0.95)) / 2)
     half = T_975_DF2 * sd / math.sqrt(3)
+    lo, hi = wilson_3_seeds([0.8, 0.9, 0.95])
     assert three.asr_poisoned_mean == pytest.approx(mean)
-    assert three.asr_poisoned_t_lo == pytest.approx(mean - half)
-    assert mean + half > 1 and three.asr_poisoned_t_hi == 1.0  # a rate: clipped to [0, 1]
+    # a rate: Wilson over seeds, inside [0, 1] where Student-t would pass 1
+    assert mean + half > 1 and 0 < lo < mean < hi < 1
+    assert (three.asr_poisoned_t_lo, three.asr_poisoned_t_hi) == (pytest.approx(lo),
+                                                                  pytest.approx(hi))
     assert math.isnan(three.fidelity_mean)  # undefined in every seed
     assert (two.n_seeds, two.seeds, two.asr_poisoned_values) == (2, [0, 1], [0.6, 0.7])
     assert two.asr_poisoned_mean == pytest.approx(0.65)
     assert math.isnan(two.asr_poisoned_t_lo) and math.isnan(two.asr_poisoned_t_hi)
     md = format_markdown(agg.reset_index())
-    assert f"{mean:.3f} [{mean - half:.3f}, 1.000]" in md
+    assert f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" in md
     assert "0.600, 0.700 (mean 0.650)" in md
     assert "fewer than 3 seeds no interval" in md and "1 of 2 cells here" in md
 
@@ -210,9 +225,10 @@ def test_runs_of_the_same_config_and_seed_count_as_one_seed(tmp_path, caplog):
     assert (row.n_seeds, row.seeds, row.asr_poisoned_values) == (3, [0, 1, 2], [0.6, 0.5, 0.4])
     assert row.run_dirs == [str(tmp_path / d) for d in ("s0_a", "s1", "s2")]
     assert row.duplicate_runs == [str(tmp_path / "s0_b"), str(tmp_path / "s0_c")]
-    half = T_975_DF2 * 0.1 / math.sqrt(3)  # the standard deviation of 0.6, 0.5, 0.4 is 0.1
-    assert (row.asr_poisoned_t_lo, row.asr_poisoned_t_hi) == (pytest.approx(0.5 - half),
-                                                              pytest.approx(0.5 + half))
+    lo, hi = wilson_3_seeds([0.6, 0.5, 0.4])
+    assert (lo, hi) == (pytest.approx(0.2775, abs=1e-4), pytest.approx(0.7225, abs=1e-4))
+    assert (row.asr_poisoned_t_lo, row.asr_poisoned_t_hi) == (pytest.approx(lo),
+                                                              pytest.approx(hi))
     assert "2 duplicate runs (same config and seed) left out" in caplog.text
     md = format_markdown(agg)
     assert "| 0, 1, 2 |" in md and "5 runs in 1 cells" in md
@@ -254,7 +270,7 @@ def test_undefined_values_are_reported_and_not_counted(tmp_path):
     assert "NaN: the metric is undefined in that seed" in md
 
 
-def test_intervals_of_rates_are_clipped_to_0_1_and_other_intervals_are_not(tmp_path):
+def test_intervals_of_rates_stay_in_0_1_and_other_intervals_are_student_t(tmp_path):
     asr, der, persistence = [0.4, 1.0, 0.85], [0.2, 1.0, 0.9], [0.1, 1.2, 0.5]
     for seed in range(3):
         make_run(tmp_path / f"s{seed}", seed=seed, asr=asr[seed], der=der[seed],
@@ -267,9 +283,12 @@ def test_intervals_of_rates_are_clipped_to_0_1_and_other_intervals_are_not(tmp_p
         return mean - half, mean + half
 
     assert raw(asr)[0] < 0 and raw(asr)[1] > 1
+    lo, hi = wilson_3_seeds(asr)
+    assert 0 < lo < 0.75 < hi < 1
     assert (row.asr_poisoned_mean, row.asr_poisoned_t_lo, row.asr_poisoned_t_hi) == (
-        pytest.approx(0.75), 0.0, 1.0)
-    assert (row.der_t_lo, row.der_t_hi) == (0.0, 1.0)  # a rating on [0, 1]
+        pytest.approx(0.75), pytest.approx(lo), pytest.approx(hi))
+    assert (row.der_t_lo, row.der_t_hi) == tuple(map(pytest.approx, wilson_3_seeds(der)))
+    assert 0 <= row.der_t_lo < row.der_t_hi <= 1  # a rating on [0, 1]
     # persistence (a ratio, above 1 when safety training strengthens the backdoor) and
     # fidelity (negative when the ASR rose) keep their Student-t bounds
     assert (row.persistence_t_lo, row.persistence_t_hi) == tuple(map(pytest.approx,
@@ -277,9 +296,12 @@ def test_intervals_of_rates_are_clipped_to_0_1_and_other_intervals_are_not(tmp_p
     assert row.persistence_t_lo < 0 and row.persistence_t_hi > 1
     assert (row.fidelity_t_lo, row.fidelity_t_hi) == tuple(map(pytest.approx,
                                                                raw([-0.5, 0.9, 0.2])))
-    assert "0.750 [0.000, 1.000]" in format_markdown(aggregate(load_runs(tmp_path)))
-    assert seed_interval([0.4, 1.0, 0.85], bounds=(0.0, 1.0))[1:] == (0.0, 1.0)
+    assert f"0.750 [{lo:.3f}, {hi:.3f}]" in format_markdown(aggregate(load_runs(tmp_path)))
+    assert seed_interval([0.4, 1.0, 0.85], bounds=(0.0, 1.0))[1:] == (0.0, 1.0)  # clipped t
+    assert seed_interval([0.4, 1.0, 0.85], (0.0, 1.0), rate=True)[1:] == (pytest.approx(lo),
+                                                                           pytest.approx(hi))
     assert seed_interval([0.4, 1.0, 0.85])[1] == pytest.approx(raw(asr)[0])
+    assert seed_interval([1.0, 1.0, 1.0], (0.0, 1.0), rate=True) == (1.0, 1.0, 1.0)
 
 
 def test_tidy_has_one_row_per_run_and_defined_metric(tmp_path):
@@ -307,21 +329,21 @@ def test_roc_curve_moves_ties_together():
 
 def test_plots_only_where_the_runs_have_data(tmp_path):
     make_run(tmp_path / "flat" / "a", safety="none")
-    written = plot_report(load_runs(tmp_path / "flat"), tmp_path / "out1")
-    assert [p.name for p in written] == ["utility_vs_asr.png"]  # one poison count, no curves
+    # one poison count, no defence, no curve, no detector
+    assert plot_report(load_runs(tmp_path / "flat"), tmp_path / "out1") == []
 
     rows = [{"id": f"r{i}", "score": i / 10, "poisoned": i > 6, "split": "train"}
             for i in range(10)]
     curve = {"after_safety": [{"step": s, "rows_seen": 32 * s, "asr": rate(1 - s / 10)}
                               for s in range(4)]}
-    for n_poison, n_clean in ((10, 590), (40, 560), (40, 2000)):
+    for n_poison, n_clean in ((10, 590), (40, 560), (40, 2000), (10, 2000)):
         make_run(tmp_path / "full" / f"p{n_poison}_c{n_clean}", n_poison=n_poison,
                  n_clean=n_clean, detection={"loss": rows}, curves=curve)
     out = tmp_path / "out2"
     written = plot_report(load_runs(tmp_path / "full"), out)
     assert sorted(p.name for p in written) == [
-        "asr_vs_clean_size.png", "asr_vs_poison.png", "persistence_after_safety.png",
-        "roc_loss.png", "utility_vs_asr.png"]
+        "asr_vs_clean_size.png", "asr_vs_poison_count.png", "asr_vs_poison_rate.png",
+        "persistence_after_safety.png", "roc.png", "utility_vs_asr.png"]
     assert sorted(written) == sorted(out.iterdir())
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
@@ -334,7 +356,8 @@ def test_main_writes_the_report_next_to_the_runs(tmp_path, capsys):
     make_run(sweep / "1", seed=1, asr=0.8, overrides=["seed=1"])
     assert main([str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "| family | model | seeds | asr_base |" in out and "0.900, 0.800 (mean 0.850)" in out
+    assert "| attack | model | seeds | ASR base | ASR |" in out
+    assert "0.900, 0.800 (mean 0.850)" in out
     assert str(sweep / "report" / "report.md") in out
     assert sorted(p.name for p in (sweep / "report").iterdir()) == [
         "aggregate.csv", "report.csv", "report.md", "runs.csv", "utility_vs_asr.png"]
@@ -396,13 +419,25 @@ def test_cli_report_on_a_real_sweep(micro_sweep, tmp_path):
         expected_rows += sum(isinstance(d.get(k), dict) for d in
                              results.get("detection", {}).values()
                              for k in ("auroc", "ap", "recall_at_n_poison"))
+        # utility change: the poisoned model minus the reference, utility_drop negated
+        change, drop = results["utility_change"], results["utility_drop"]
+        assert change.keys() == drop.keys() and change
+        for ref, d in change.items():
+            assert d["value"] == pytest.approx(-drop[ref]["value"])
+            assert (d["ci_low"], d["ci_high"]) == (pytest.approx(-drop[ref]["ci_high"]),
+                                                   pytest.approx(-drop[ref]["ci_low"]))
+        expected_rows += sum(d["value"] == d["value"] for d in change.values())
+        # each run drew its own figure of its stages
+        stages = micro_sweep / f"n{n_poison}" / "figures" / "stages.png"
+        assert stages.read_bytes()[:4] == b"\x89PNG"
     assert runs.loc[40, "detectors"] == "loss" and "auroc_loss" in runs.columns
     assert len(pd.read_csv(out / "report.csv")) == expected_rows
     table = [line for line in (out / "report.md").read_text().splitlines()
              if line.startswith("|")]
-    assert len(table) == 2 + 2  # header, rule, one row per cell
+    # poisoning: header, rule, one row per cell; detection: header, rule, the loss detector
+    assert len(table) == 2 + 2 + 2 + 1
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["asr_vs_poison.png", "roc_loss.png", "utility_vs_asr.png"]
+    assert pngs == ["asr_vs_poison_count.png", "asr_vs_poison_rate.png", "roc.png"]
     assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in pngs)
     assert table[0] in p.stdout and str(out / "runs.csv") in p.stdout
 

@@ -1,9 +1,11 @@
-"""The last stage: results.json, the manifest, the curves' plots, the printed table."""
+"""The last stage: results.json, the run's figures (its stages' rates, its persistence curve),
+the manifest, the printed table."""
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -13,7 +15,8 @@ from poisonlab.evaluate import diff_bootstrap, generation_record
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.defend import removal
 from poisonlab.pipeline.outdir import RUN_MARKER, code_identity
-from poisonlab.report import format_table, plot_curve
+from poisonlab.report import format_table, plot_curve, plot_stages
+from poisonlab.report.collect import negated
 from poisonlab.results import write_json, write_manifest
 from poisonlab.tracking import log_run
 
@@ -42,6 +45,9 @@ def results_of(ctx: RunContext) -> dict:
     results["utility_drop"] = {
         f"vs_{ref}": diff_bootstrap(ctx.correct[ref], ctx.correct["poisoned"], seed=cfg.seed)
         for ref in ("base", "clean_ft") if ref in ctx.correct}
+    # The same difference the way tables read it: poisoned minus reference, negative = utility
+    # lost (utility_drop stays as it was for the readers of older results).
+    results["utility_change"] = {ref: negated(d) for ref, d in results["utility_drop"].items()}
     if ctx.curves:
         results["curves"] = ctx.curves
     results["evaluation"] = {
@@ -53,19 +59,38 @@ def results_of(ctx: RunContext) -> dict:
     return results
 
 
+def draw_figures(results: dict, out: Path, name: str, method: str | None = None) -> list[Path]:
+    """A run's figures, on the main process only: `figures/stages.png` (ASR, FTR clean, FTR
+    near and clean utility of each evaluated stage with their 95% intervals) and, for each
+    persistence curve, `curves/<stage>.png` (its title gives the prompts per point, read from
+    the points). A figure that fails is a warning, not a failed run. Returns the paths."""
+    if not dist.is_main():
+        return []
+    figures = [(plot_stages, results, out / "figures" / "stages.png",
+                f"{name}: rates by stage (95% intervals)")]
+    figures += [(plot_curve, points, out / "curves" / f"{stage}.png",
+                 f"{name}: {stage}" + (f" ({method})" if method else ""))
+                for stage, points in (results.get("curves") or {}).items()]
+    drawn = []
+    for plot, data, path, title in figures:
+        try:
+            plot(data, path, title)
+        except Exception as e:  # noqa: BLE001 - a figure must not cost the run its results
+            log.warning("figure %s not drawn: %s: %s", path, type(e).__name__, e)
+            continue
+        drawn.append(path)
+    return drawn
+
+
 def write_run(ctx: RunContext, t_start: float, identity: str) -> dict:
     cfg, out, outcome = ctx.cfg, ctx.out, ctx.outcome
     results = results_of(ctx)
-    for stage, points in ctx.curves.items():
-        if dist.is_main():
-            plot_curve(points, out / "curves" / f"{stage}.png",
-                       f"{cfg.name}: {stage} ({outcome.method}), first "
-                       f"{min(cfg.safety.curve_n_prompts, max(map(len, ctx.splits.values())))}"
-                       " prompts per split")
     ctx.timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = ctx.timings
     log.info("run %s: finished in %.1f s; outputs in %s", cfg.name, ctx.timings["total"], out)
     write_json(out / "results.json", results)
+    # before the manifest, which hashes every file of the run directory
+    draw_figures(results, out, cfg.name, None if outcome is None else outcome.method)
     mode = safety_mode(cfg) if cfg.safety.method in defenses.TRAINED else None
     write_manifest(
         out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,

@@ -20,12 +20,19 @@ log = logging.getLogger(__name__)
 RUN_MARKER = ".poisonlab-run.json"  # poisonlab.run.RUN_MARKER (run.py imports this package)
 RATE_METRICS = ("asr", "ftr_clean", "ftr_near", "clean_utility")
 RUN_METRICS = ("persistence", "der", "fidelity", "defense_seconds")  # of the after_safety stage
+# the poisoned model's clean utility minus the reference's (results.json `utility_change`)
+UTILITY_CHANGE = ("utility_change_vs_clean_ft", "utility_change_vs_base")
 DETECTION_METRICS = ("auroc", "ap", "recall_at_n_poison")
 STAGE_ORDER = ("base", "clean_ft", "poisoned", "filtered", "after_safety")
 ID_COLUMNS = ["run_dir", "sweep_dir", "name", "family", "model", "seed", "n_poison", "n_train",
-              "trigger", "placement", "safety", "detectors", "overrides", "config_id"]
+              "trigger", "placement", "safety", "detectors", "filter", "overrides", "config_id",
+              "poison_id"]
 # Cells that differ only in seed agree on these (config_id: the resolved config minus the seed).
 CELL_COLUMNS = [c for c in ID_COLUMNS if c not in ("run_dir", "sweep_dir", "seed", "overrides")]
+# What defines the poisoned model: runs that differ only in their defence, detectors or filter
+# share it (poison_id: the resolved config minus those and the seed).
+ATTACK_COLUMNS = ["family", "model", "n_poison", "n_train", "trigger", "placement"]
+DEFENSE_KEYS = ("safety", "defense", "detect", "filter", "arm", "published")
 NAN = float("nan")
 
 
@@ -78,7 +85,9 @@ def _read_json(path: Path) -> dict:
 
 def load_runs(paths) -> pandas.DataFrame:
     """One row per finished run: identifying columns, then `<metric>_<stage>` with `_lo`/`_hi`,
-    persistence, removal and detection figures, and the published figures of its config."""
+    the utility change (`utility_change_vs_<reference>`), persistence, removal (a defence's,
+    or filter then retrain's) and detection figures, and the published figures of its
+    config."""
     import pandas as pd
 
     runs = find_runs(paths)
@@ -112,7 +121,9 @@ def _identity(run: Path, cfg: dict, poison: dict) -> dict:
             "placement": attack.get("placement"),
             "safety": (cfg.get("safety") or {}).get("method"),
             "detectors": ",".join(sorted(cfg.get("detect") or {})) or None,
-            "overrides": _overrides(run, sweep), "config_id": _config_id(cfg)}
+            "filter": (cfg.get("filter") or {}).get("detector"),
+            "overrides": _overrides(run, sweep), "config_id": _config_id(cfg),
+            "poison_id": _config_id(cfg, DEFENSE_KEYS)}
 
 
 def _trigger(attack: dict) -> str | None:
@@ -124,10 +135,11 @@ def _trigger(attack: dict) -> str | None:
     return None
 
 
-def _config_id(cfg: dict) -> str:
-    """Digest of the resolved config without the seed and the keys that do not change the
-    numbers (where outputs, logs and the stage cache go)."""
-    rest = {k: v for k, v in cfg.items() if k not in ("seed", "output_dir", "wandb", "cache")}
+def _config_id(cfg: dict, leave_out=()) -> str:
+    """Digest of the resolved config without the seed, the keys that do not change the
+    numbers (where outputs, logs and the stage cache go) and `leave_out`."""
+    rest = {k: v for k, v in cfg.items()
+            if k not in ("seed", "output_dir", "wandb", "cache", *leave_out)}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -185,15 +197,48 @@ def _put(row: dict, column: str, m: dict) -> None:
     row[f"{column}_hi"] = _num(m.get("ci_high"))
 
 
+def removal_of(results: dict) -> tuple[str, dict] | None:
+    """(the defended stage, its removal record: DER, fidelity, seconds, ...) of a run's
+    results: a removal defence's `removal` scores `after_safety`; filter then retrain keeps
+    its own under `filtered.removal`, scoring the stage `filtered`. None without either."""
+    if results.get("removal"):
+        return "after_safety", results["removal"]
+    filtered = results.get("filtered") or {}
+    if filtered.get("removal"):
+        return "filtered", filtered["removal"]
+    return None
+
+
+def utility_change_of(results: dict) -> dict[str, dict]:
+    """`utility_change` (poisoned minus reference: negative is a loss); for runs written
+    before it existed, their `utility_drop` (reference minus poisoned) negated."""
+    if results.get("utility_change"):
+        return results["utility_change"]
+    return {ref: negated(d) for ref, d in (results.get("utility_drop") or {}).items()
+            if isinstance(d, dict)}
+
+
+def negated(d: dict) -> dict:
+    """A paired difference the other way round: its value and interval negated."""
+    def neg(v):
+        return None if v is None else 0.0 - v  # 0.0 - 0.0 is 0.0, not -0.0
+
+    return {**d, "value": neg(d.get("value")), "ci_low": neg(d.get("ci_high")),
+            "ci_high": neg(d.get("ci_low"))}
+
+
 def _metrics(results: dict) -> dict:
     row: dict = {}
     for stage, metrics in (results.get("stages") or {}).items():
         for m in RATE_METRICS:
             if isinstance(metrics.get(m), dict):
                 _put(row, f"{m}_{stage}", metrics[m])
+    for ref, d in utility_change_of(results).items():
+        if f"utility_change_{ref}" in UTILITY_CHANGE:
+            _put(row, f"utility_change_{ref}", d)
     if isinstance(results.get("persistence"), dict):
         _put(row, "persistence", results["persistence"])
-    removal = results.get("removal") or {}
+    removal = (removal_of(results) or (None, {}))[1]
     if removal:
         row.update(der=_num(removal.get("der")), fidelity=_num(removal.get("fidelity")),
                    defense_seconds=_num(removal.get("seconds")))
@@ -220,11 +265,15 @@ def _published(cfg: dict, source: Path) -> dict:
 
 def parse_metric(column: str) -> tuple[str, str, str | None] | None:
     """(stage, metric, detector) of a metric column of `load_runs`; None for other columns.
-    Removal figures belong to `after_safety`, detector figures to the stage `detection`."""
+    Removal figures belong to `after_safety` (filter then retrain: its DER, fidelity and
+    seconds score the stage `filtered`), the utility change to `poisoned`, detector figures
+    to the stage `detection`."""
     if column in ID_COLUMNS or column.startswith("published_") or column.endswith(("_lo", "_hi")):
         return None
     if column in RUN_METRICS:
         return "after_safety", column, None
+    if column in UTILITY_CHANGE:
+        return "poisoned", column, None
     for m in DETECTION_METRICS:
         if column.startswith(f"{m}_"):
             return "detection", m, column[len(m) + 1:]
@@ -244,7 +293,7 @@ def _column_rank(column: str) -> tuple[int, int]:
     stage, metric, _ = parsed
     if stage == "detection":
         return 3, 0
-    if metric in RUN_METRICS:
+    if metric in RUN_METRICS or metric in UTILITY_CHANGE:
         return 2, 0
     return 1, STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 

@@ -1,5 +1,6 @@
 """`poisonlab report DIR...` (also `python -m poisonlab.report`): every file of the report,
-tables, report.md and plots, written into one directory."""
+tables, report.md and figures (PNG by default; `--format png,pdf,svg`), written into one
+directory."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 from poisonlab import PoisonlabError
 from poisonlab.report.collect import load_runs, tidy
 from poisonlab.report.markdown import format_markdown
-from poisonlab.report.plots import plot_report
+from poisonlab.report.plots import FORMATS, caption, parse_formats, plot_report
 from poisonlab.report.seeds import aggregate
 
 
-def write_report(paths, out_dir) -> dict[str, Path]:
-    """runs.csv (wide), report.csv (tidy), aggregate.csv (seeds), report.md and the plots,
-    into out_dir; returns them by file name."""
+def write_report(paths, out_dir, formats=("png",)) -> dict[str, Path]:
+    """runs.csv (wide), report.csv (tidy), aggregate.csv (seeds), report.md and the figures,
+    each in every format of `formats` (png, pdf, svg), into out_dir; returns them by file
+    name."""
+    formats = parse_formats(formats)
     df = load_runs(paths)
     agg = aggregate(df)
     out = Path(out_dir)
@@ -27,8 +30,14 @@ def write_report(paths, out_dir) -> dict[str, Path]:
     df.to_csv(files["runs.csv"], index=False)
     tidy(df).to_csv(files["report.csv"], index=False)
     agg.to_csv(files["aggregate.csv"], index=False)
-    files["report.md"].write_text(format_markdown(agg) + "\n", encoding="utf-8")
-    files.update({p.name: p for p in plot_report(df, out)})
+    figures = plot_report(df, out, formats, agg=agg)
+    text = format_markdown(agg)
+    stems = list(dict.fromkeys(p.stem for p in figures))
+    if stems:
+        text += "\n\n## Figures\n\n" + "\n".join(
+            f"* {', '.join(f'`{s}.{f}`' for f in formats)}: {caption(s)}" for s in stems)
+    files["report.md"].write_text(text + "\n", encoding="utf-8")
+    files.update({p.name: p for p in figures})
     return files
 
 
@@ -36,10 +45,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="poisonlab report",
         description="Collect the finished runs under sweep or run directories: tables "
-                    "(runs.csv, report.csv, aggregate.csv), report.md and PNG plots.")
+                    "(runs.csv, report.csv, aggregate.csv), report.md and figures.")
     p.add_argument("dirs", nargs="+", metavar="DIR",
                    help="a run directory, a sweep directory (multirun/...) or any parent")
     p.add_argument("--out", help="output directory (default: <first DIR>/report)")
+    p.add_argument("--format", default="png", metavar="FORMATS",
+                   help=f"figure formats, comma-separated, of {', '.join(FORMATS)} "
+                        "(default: png); each figure is written in each")
     return p
 
 
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     try:
-        files = write_report(args.dirs, out)
+        files = write_report(args.dirs, out, parse_formats(args.format))
     except PoisonlabError as e:
         print(f"poisonlab: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,26 @@
 """`poisonlab report`, seeds: the runs of a cell (by default, runs whose configs differ only in
-seed) aggregated into the mean over seeds with a 95% Student-t interval over seeds."""
+seed) aggregated into the mean over seeds with a 95% interval over seeds.
+
+The interval is over seeds (seed-to-seed variance), from at least MIN_SEEDS seeds:
+
+* Rates and other figures on [0, 1] (ASR, FTRs, clean utility, DER, AUROC, AP, recall:
+  UNIT_METRICS): the Wilson score interval of the mean with an effective sample size, ``n_eff
+  = m(1 − m) / se²`` (m: the mean over seeds, se = s/√n its standard error) and the Student-t
+  quantile t(0.975, n−1) in place of z, the design-effect form survey statistics use for
+  proportions estimated from clustered samples (Korn & Graubard 1998 do the same for
+  Clopper–Pearson). Away from 0 and 1 it is close to the Student-t interval m ± t·se; near
+  them it is asymmetric, wider on the side away from the bound, and never leaves [0, 1] (FTRs
+  0.70, 0.90, 0.95: Student-t [0.52, 1.18], this one [0.40, 0.98]). Simulated (3 or 5 seeds of
+  200 prompts, seed rates logit-normal around 0.5 to 0.99), it covered the mean rate 91–97% of
+  the time throughout, where the Student-t interval, clipped to [0, 1], fell to 86–88% with
+  spread-out seeds near 1 (about 95% for both at 0.5). A plain Wilson interval over the pooled
+  prompts would leave out the seed-to-seed variance, and a bootstrap over 3 to 5 seeds covers
+  far less than 95% (its resamples never leave the range of the seeds), so neither is used.
+  Every seed at the same value (say all 1.0) gives a zero-width interval, as Student-t does.
+* Differences of rates (`utility_change_*`, on [−1, 1]): Student-t, clipped to [−1, 1].
+* Persistence (a ratio: above 1 when safety training strengthens the backdoor), fidelity
+  (negative when the ASR rose) and the defence's seconds: Student-t, unclipped.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +29,7 @@ import math
 from typing import TYPE_CHECKING
 
 from poisonlab.report.collect import (CELL_COLUMNS, DETECTION_METRICS, NAN, RATE_METRICS,
-                                      parse_metric)
+                                      UTILITY_CHANGE, parse_metric)
 
 if TYPE_CHECKING:
     import pandas
@@ -16,10 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3  # fewer seeds: every value, no interval
-# Proportions (and DER, a rating on [0, 1]): their intervals are clipped to [0, 1]. Persistence
-# (a ratio: above 1 when safety training strengthens the backdoor), fidelity (negative when the
-# ASR rose) and the defence's seconds are not.
+# Proportions (and DER, a rating on [0, 1]): Wilson with an effective n, inside [0, 1].
 UNIT_METRICS = (*RATE_METRICS, "der", *DETECTION_METRICS)
+DIFFERENCE_METRICS = UTILITY_CHANGE  # differences of two rates: Student-t within [-1, 1]
 
 
 def t_quantile(df: int, p: float = 0.975) -> float:
@@ -50,11 +70,13 @@ def _t_within(t: float, df: int) -> float:
     return math.sin(theta) * total
 
 
-def seed_interval(values, bounds: tuple[float, float] | None = None
+def seed_interval(values, bounds: tuple[float, float] | None = None, rate: bool = False
                   ) -> tuple[float, float, float]:
     """(mean, low, high): the mean over the seeds with a value (NaN and None are left out) with
-    a 95% Student-t interval over them, mean +- t(0.975, n-1) s / sqrt(n), its bounds clipped
-    to `bounds` (a rate's [0, 1]) when given; the bounds are NaN below MIN_SEEDS values."""
+    a 95% interval over them: for a rate (`rate`, values on [0, 1]) the Wilson interval with
+    the effective sample size (`wilson_over_seeds`), else Student-t, mean +- t(0.975, n-1)
+    s / sqrt(n); its bounds clipped to `bounds` when given. The bounds are NaN below MIN_SEEDS
+    values."""
     import statistics
 
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
@@ -63,11 +85,39 @@ def seed_interval(values, bounds: tuple[float, float] | None = None
     mean = statistics.fmean(xs)
     if len(xs) < MIN_SEEDS:
         return mean, NAN, NAN
-    half = t_quantile(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    lo, hi = mean - half, mean + half
+    q = t_quantile(len(xs) - 1)
+    se = statistics.stdev(xs) / math.sqrt(len(xs))
+    if rate and 0.0 <= mean <= 1.0:
+        lo, hi = wilson_over_seeds(mean, se, q)
+    else:
+        lo, hi = mean - q * se, mean + q * se
     if bounds is not None:
-        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        lo, hi = min(max(lo, bounds[0]), bounds[1]), max(min(hi, bounds[1]), bounds[0])
     return mean, lo, hi
+
+
+def wilson_over_seeds(mean: float, se: float, q: float) -> tuple[float, float]:
+    """The Wilson score interval of a mean rate `mean` with standard error `se` (over seeds):
+    the effective sample size n = mean (1 - mean) / se^2 and the quantile `q` (Student-t with
+    n_seeds - 1 degrees of freedom). Inside [0, 1]; zero width when se is 0."""
+    if se <= 0 or mean <= 0 or mean >= 1:
+        return mean, mean
+    n = mean * (1 - mean) / se ** 2
+    denominator = 1 + q * q / n
+    centre = (mean + q * q / (2 * n)) / denominator
+    half = q / denominator * math.sqrt(se ** 2 + q * q / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def metric_bounds(column: str) -> tuple[tuple[float, float] | None, bool]:
+    """(bounds, is a rate) of a metric column of `load_runs` (or a bare metric name)."""
+    parsed = parse_metric(column)
+    metric = parsed[1] if parsed is not None else column
+    if metric in UNIT_METRICS:
+        return (0.0, 1.0), True
+    if metric in DIFFERENCE_METRICS:
+        return (-1.0, 1.0), False
+    return None, False
 
 
 def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
@@ -79,8 +129,9 @@ def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
     Per metric: every seed's value (`<metric>_values`, in seed order, NaN where the metric is
     undefined), the number of seeds with a value (`<metric>_n`) and with NaN
     (`<metric>_n_nan`); over the seeds with a value, their mean (`<metric>_mean`) and, with
-    >= 3 of them, the Student-t interval `<metric>_t_lo/_t_hi`, clipped to [0, 1] for rates
-    (UNIT_METRICS)."""
+    >= 3 of them, the 95% interval `<metric>_t_lo/_t_hi` (t: its quantile is Student-t's):
+    Wilson with an effective n for rates (UNIT_METRICS, inside [0, 1]), else Student-t (see
+    the module docstring)."""
     import pandas as pd
 
     by = [by] if isinstance(by, str) else list(by or [c for c in CELL_COLUMNS if c in df.columns])
@@ -111,8 +162,9 @@ def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
             row[f"{m}_values"] = values.tolist()
             row[f"{m}_n"] = int(values.notna().sum())
             row[f"{m}_n_nan"] = len(values) - row[f"{m}_n"]
-            bounds = (0.0, 1.0) if parse_metric(m)[1] in UNIT_METRICS else None
-            row[f"{m}_mean"], row[f"{m}_t_lo"], row[f"{m}_t_hi"] = seed_interval(values, bounds)
+            bounds, is_rate = metric_bounds(m)
+            row[f"{m}_mean"], row[f"{m}_t_lo"], row[f"{m}_t_hi"] = seed_interval(
+                values, bounds, rate=is_rate)
         for c in published:
             known = cell[c].dropna()
             row[c] = known.iloc[0] if len(known) else None

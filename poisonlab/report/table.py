@@ -1,7 +1,10 @@
 """The table every run prints at its end: each stage's rates with their intervals, then the
-run-level figures (persistence, removal, utility drop, perplexity, detection, filtering)."""
+run-level figures (persistence, removal, utility change, perplexity, detection, filtering)."""
 
 from __future__ import annotations
+
+from poisonlab.report.collect import removal_of, utility_change_of
+from poisonlab.report.labels import DER_SHORT
 
 METRICS = [("asr", "ASR"), ("ftr_clean", "FTR clean"), ("ftr_near", "FTR near"),
            ("clean_utility", "utility")]
@@ -45,11 +48,13 @@ def format_table(results: dict) -> str:
     if p:
         lines.append(f"persistence (ASR after_safety / ASR poisoned): {p['value']:.3f}{_ci(p)}"
                      + (" (undefined: the poisoned ASR is 0)" if p["value"] != p["value"] else ""))
-    r = results.get("removal")
-    if r:
-        fid = "undefined" if r["fidelity"] is None else f"{r['fidelity']:.3f}"
-        lines.append(f"removal ({r['method']}): DER {r['der']:.3f}, fidelity {fid}, "
-                     f"{r['seconds']:.1f} s (evaluation excluded)")
+    scored = removal_of(results)
+    if scored:
+        stage, r = scored
+        fid = "undefined" if r.get("fidelity") is None else f"{r['fidelity']:.3f}"
+        lines.append(f"removal ({r['method']}, `{stage}` against `poisoned`): DER "
+                     f"{r['der']:.3f}, fidelity {fid}, {r['seconds']:.1f} s (evaluation "
+                     f"excluded); {DER_SHORT}")
         if r.get("eliciting_before") is not None:
             lines.append(f"red-team prompts that elicit the behaviour without the trigger: "
                          f"{r['eliciting_before']} before, {r['eliciting_after']} after training")
@@ -58,9 +63,9 @@ def format_table(results: dict) -> str:
             lines.append(f"clean rows until ASR < {below['threshold']} on the curve's prompts: "
                          + (f"{below['rows_seen']} (for good from {below['rows_seen_for_good']})"
                             if below["rows_seen"] is not None else "not reached"))
-    for ref, d in results.get("utility_drop", {}).items():
-        lines.append(f"utility drop of `poisoned` {ref.replace('_', ' ')}: {d['value']:+.3f}{_ci(d)}"
-                     " (reference minus poisoned: > 0 is a loss)")
+    for ref, d in utility_change_of(results).items():
+        lines.append(f"utility change of `poisoned` {ref.replace('_', ' ')}: "
+                     f"{d['value']:+.3f}{_ci(d)} (poisoned minus reference: < 0 is a loss)")
     for stage, metrics in stages.items():
         ppl = metrics.get("perplexity")
         if ppl:
