@@ -187,8 +187,9 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
              "ASR: 95% Wilson intervals over prompts; AUROC: 95% bootstrap intervals over "
              "training rows for data-level detectors and over prompts for input- and "
              "model-level ones. Before = the `poisoned` stage; after = the defence's model "
-             "(`after_safety`, or `filtered` for filter then retrain). DER = (max(0, ΔASR) − "
-             "max(0, Δutility) + 1) / 2. Seconds: the defence or detector itself, evaluation "
+             "(`after_safety`, or `filtered` for filter then retrain). DER, the defence "
+             "effectiveness rating (BackdoorBench) = (max(0, ΔASR) − max(0, Δutility) + 1) / 2: "
+             "1 removed at no utility cost, 0.5 no net effect. Seconds: the defence or detector itself, evaluation "
              "excluded.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     refused = df[df["kind"] == "refused"]

@@ -30,7 +30,7 @@ from poisonlab.utils import read_jsonl
 
 N_GENERATIONS = 8  # answers per stage and split in the generations table
 CURVE_METRICS = ("asr", "ftr_clean", "clean_utility")
-SUMMARY_KEYS = ("persistence", "removal", "utility_drop", "detection", "filtered", "train")
+SUMMARY_KEYS = ("persistence", "removal", "utility_drop", "utility_change", "detection", "filtered", "train")
 
 
 def _is_rate(v) -> bool:

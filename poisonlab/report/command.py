@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     try:
         files = write_report(args.dirs, out, parse_formats(args.format))
