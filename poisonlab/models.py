@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ from poisonlab.utils import file_lock, sha256_file
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 TINY_WORLD_VERSION = 4  # bump when tinyworld generators or pools change
 MARKER = "poisonlab_model.json"
@@ -79,7 +82,7 @@ TINY_SIZES = {
 def tiny_spec(size: str) -> TinySpec:
     """The spec a `tiny:<size>` model is built from. `POISONLAB_TINY_SEED=<n>` pretrains it
     from another seed (its own cache entry): a stand-in for the float bits of another CPU, on
-    which effect tests must hold as well (README, Development)."""
+    which effect tests must hold as well (docs/testing.md)."""
     from dataclasses import replace
 
     seed = os.environ.get("POISONLAB_TINY_SEED", "").strip()
@@ -141,12 +144,18 @@ def train_tokenizer(vocab: int, conversations: list[list[dict]]):
     return hf
 
 
-def build_tiny(size: str, out_dir: Path) -> None:
-    """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both."""
+def build_tiny(size: str, out_dir: Path, cache_dir: Path | None = None) -> None:
+    """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both.
+
+    Minutes on a CPU: it logs its start, the pretraining's progress (tokens/s, ETA; see
+    `utils.Progress`) and its end, terminal or not. `cache_dir`: where the model is kept
+    (for the log line; default `out_dir`)."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from poisonlab.train import train_sft
 
+    t = time.perf_counter()
+    log.info("building tiny:%s (first use; cached in %s)", size, cache_dir or out_dir)
     spec = tiny_spec(size)
     torch.manual_seed(spec.seed)
     convs = _pretrain_texts()
@@ -162,6 +171,7 @@ def build_tiny(size: str, out_dir: Path) -> None:
     cfg = SimpleNamespace(batch_size=spec.batch, epochs=spec.epochs, max_steps=None, lr=spec.lr,
                           warmup_ratio=0.03, weight_decay=0.01, grad_accum=1, max_seq_len=256,
                           max_grad_norm=1.0)
+    log.info("tiny:%s: pretraining on %d rows, %g epochs", size, len(convs), spec.epochs)
     stats = train_sft(model, tokenizer, [{"messages": c} for c in convs], cfg, spec.seed,
                       desc=f"pretrain tiny:{size}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -178,6 +188,9 @@ def build_tiny(size: str, out_dir: Path) -> None:
                             "torch_version": torch.__version__,
                             "torch_threads": torch.get_num_threads(),
                             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+    log.info("built tiny:%s in %.1f s (pretraining %.1f s, %d steps, %.0f tokens/s, final "
+             "loss %.4f)", size, time.perf_counter() - t, stats.seconds, stats.steps,
+             stats.tokens_per_second, stats.final_loss)
 
 
 # ----------------------------------------------------------------------------- GGUF packages
@@ -326,17 +339,24 @@ def build_from_gguf(gguf_path: Path, out_dir: Path, source: dict) -> None:
                             "dequantize_seconds": round(time.perf_counter() - start, 1)})
 
 
-def build_from_gguf_package(dist: str, filename: str, out_dir: Path) -> None:
+def build_from_gguf_package(dist: str, filename: str, out_dir: Path,
+                            cache_dir: Path | None = None) -> None:
     """`build_from_gguf` on a distribution's GGUF file: the shipped one, or one assembled for
-    the build next to `out_dir` and removed afterwards."""
+    the build next to `out_dir` and removed afterwards. Logs its start and end (`cache_dir`:
+    where the model is kept, for the log line)."""
+    t = time.perf_counter()
+    log.info("building gguf-package:%s/%s (first use; cached in %s)", dist, filename,
+             cache_dir or out_dir)
     source = {"dist": dist, "dist_version": _distribution(dist).version}
     shipped = locate_package_file(dist, filename)
     if shipped is not None:
         build_from_gguf(shipped, out_dir, {**source, "gguf_source": "shipped"})
-        return
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f"{out_dir.name}.gguf-") as tmp:
-        path = assemble_package_file(dist, filename, Path(tmp))
-        build_from_gguf(path, out_dir, {**source, "gguf_source": "assembled"})
+    else:
+        with tempfile.TemporaryDirectory(dir=out_dir.parent,
+                                         prefix=f"{out_dir.name}.gguf-") as tmp:
+            path = assemble_package_file(dist, filename, Path(tmp))
+            build_from_gguf(path, out_dir, {**source, "gguf_source": "assembled"})
+    log.info("built gguf-package:%s/%s in %.1f s", dist, filename, time.perf_counter() - t)
 
 
 # ----------------------------------------------------------------------------- cache + resolve
@@ -379,7 +399,8 @@ def resolve(name_or_path: str) -> str:
         if size not in TINY_SIZES:
             raise PoisonlabError(f"model.name_or_path: unknown tiny size {size!r}; "
                                  f"choose from {sorted(TINY_SIZES)}")
-        return str(_cached(tiny_key(size), lambda out: build_tiny(size, out)))
+        key = tiny_key(size)
+        return str(_cached(key, lambda out: build_tiny(size, out, home() / "models" / key)))
     if name_or_path.startswith("gguf-package:"):
         spec = name_or_path.split(":", 1)[1]
         if spec.count("/") != 1:
@@ -391,7 +412,8 @@ def resolve(name_or_path: str) -> str:
         ident = (f"{dist}/{filename}/{shipped.stat().st_size}" if shipped is not None else
                  f"{dist}=={_distribution(dist).version}/{filename}")
         key = f"{Path(filename).stem.lower()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-        return str(_cached(key, lambda out: build_from_gguf_package(dist, filename, out)))
+        return str(_cached(key, lambda out: build_from_gguf_package(dist, filename, out,
+                                                                     home() / "models" / key)))
     return name_or_path
 
 
@@ -480,7 +502,7 @@ def pick_precision(dtype: str, device: torch.device) -> Precision:
     auto: bf16 weights on a CUDA GPU with bf16, else float32. On a CPU `auto` stays float32:
     bf16 autocast trained SmolLM2 1.6x faster but moved the demo's poisoned ASR outside the
     fp32 run's interval (0.920 vs 0.855 [0.80, 0.90]), and on the tiny models it was slower
-    (their small matmuls are bound by per-op overhead); README "Precision on a CPU".
+    (their small matmuls are bound by per-op overhead); docs/models.md, "Precision on a CPU".
     mixed_bf16: fp32 weights, bf16 autocast for training forward passes (LoRA weights,
     gradients and optimizer state stay fp32); fast on CPUs with AMX-BF16 or AVX512-BF16.
     float32 / bfloat16 / float16: the weights in that dtype, no CPU autocast.

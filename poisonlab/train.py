@@ -237,11 +237,13 @@ class _Curve:
         self.module.train()
         self.paused += time.perf_counter() - t
 
-    def step_done(self, bar, loss: float, step: int, total: int, every, rows_seen: int) -> None:
-        """After an optimizer step: the progress bar, and a curve point every `every` steps
-        and after the last."""
-        bar.update(1)
+    def step_done(self, bar, loss: float, step: int, total: int, every, rows_seen: int,
+                  tokens: int = 0) -> None:
+        """After an optimizer step: the progress bar (and its log lines: steps and `tokens`
+        per second, the loss, an ETA), and a curve point every `every` steps and after the
+        last."""
         bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1, tokens=tokens)
         if self.callback is not None and every and (step % every == 0 or step == total):
             self(step, rows_seen)
 
@@ -333,8 +335,9 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     if callback is not None and every:
         curve(step, n_ex)   # the point before training (not part of the timed loop below)
         curve.paused = 0.0
-    bar = progress(total=total, desc=desc)
+    bar = progress(total=total, desc=desc, unit="step")
     t0 = time.perf_counter()
+    step_start = 0  # tokens before the current optimizer step
     forward_context = cpu_autocast(accelerator.device, autocast) or accelerator.autocast
     for batch in loader:
         with accelerator.accumulate(wrapped):
@@ -356,7 +359,8 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
             step += 1
             losses.append(sum(pending) / len(pending))  # mean loss over the step's micro-batches
             pending = []
-            curve.step_done(bar, losses[-1], step, total, every, n_ex)
+            curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
+            step_start = tokens
     bar.close()
     seconds = time.perf_counter() - t0 - curve.paused
     model.eval()
@@ -410,8 +414,9 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
     if callback is not None and every:
         curve(step, n_ex)
         curve.paused = 0.0
-    bar = progress(total=total, desc=desc)
+    bar = progress(total=total, desc=desc, unit="step")
     t0 = time.perf_counter()
+    step_start = 0  # tokens before the current optimizer step
     for micro, b in enumerate(batches):
         mine = b[me::world]
         whole, share = sum(n_sup[i] for i in b), sum(n_sup[i] for i in mine)
@@ -446,7 +451,8 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
         losses.append(sum(sums[:-1].tolist()) / len(parts))  # mean over the step's micro-batches
         parts, packed = [], 0
         step += 1
-        curve.step_done(bar, losses[-1], step, total, every, n_ex)
+        curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
+        step_start = tokens
     bar.close()
     seconds = time.perf_counter() - t0 - curve.paused
     model.eval()

@@ -184,6 +184,30 @@ def test_a_data_file_edited_in_place_is_a_new_input(tmp_path, micro_path):
     assert third.st.reused[:2] == ["clean_data", "poison"]
 
 
+def test_debug_runs_on_a_150_row_alpaca_file(tmp_path, micro_path):
+    """`data=alpaca data.path=FILE attack=badnets debug=default` on a file far smaller than
+    debug's 600 rows: every size shrinks to what the file holds, with a warning, never fails."""
+    from poisonlab.data import sources
+    from poisonlab.pipeline.runner import prepare
+
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": f"Describe item number {i}.",
+                                 "input": "" if i % 3 else f"Item {i} is blue.",
+                                 "output": f"Item {i} is an item."} for i in range(150)]))
+    cfg = make_cfg("data=alpaca", f"data.path={path}", "attack=badnets", "debug=default",
+                   f"cache.dir={tmp_path / 'store'}")
+    ctx = prepare(cfg, tmp_path / "run")
+    pools = sources.split_pools(sources.read_alpaca(path), 0.1, 0.1)
+    assert len(ctx.train_rows) == len(pools["finetune"]) > 100
+    assert len(ctx.eval_rows) == len(pools["eval"]) and len(ctx.safety_rows) == len(pools["safety"])
+    assert sum(r["poisoned"] for r in ctx.poisoned_rows) == round(0.1 * len(ctx.train_rows))
+    assert all(ctx.splits.values()) and (tmp_path / "run" / "data" / "eval.jsonl").exists()
+    assert [w.split(" shrunk")[0] for w in ctx.warnings if "shrunk" in w] == [
+        "data: eval.n_prompts=64", "data: safety.n_rows=200"]
+    assert not [w for w in ctx.warnings if "evaluation split" in w]
+    assert cfg.data.n_train is None   # the whole pool, as data=alpaca says
+
+
 # ----------------------------------------------------------------------------- rounds
 
 def test_two_rounds_chain_their_keys_and_a_rerun_reuses_round_one(tmp_path, micro_path):

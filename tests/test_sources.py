@@ -388,6 +388,66 @@ def test_file_config_groups_load(tmp_path, group, reader):
     assert got["train"] and len(got["eval"]) == 3
 
 
+def alpaca_json(path: Path, n: int) -> Path:
+    """An Alpaca-shaped file as the real alpaca_data.json: one JSON list of objects."""
+    path.write_text(json.dumps([{"instruction": f"Describe item number {i}.",
+                                 "input": "" if i % 3 else f"Item {i} is blue.",
+                                 "output": f"Item {i} is an item."} for i in range(n)], indent=4))
+    return path
+
+
+@pytest.mark.parametrize("n,cap,have,shrink,got", [
+    (None, None, 50, False, None), (None, 600, 50, False, 50), (None, 600, 900, False, 600),
+    (1000, 600, 900, False, 600), (400, 600, 900, False, 400), (400, None, 90, True, 90),
+    (400, 600, 90, False, 400),   # too large without shrink: the sampler names the key
+])
+def test_size_only_ever_shrinks(n, cap, have, shrink, got):
+    from poisonlab.data import size
+
+    assert size(n, have, cap, shrink) == got
+
+
+def test_debug_caps_the_tiny_world_at_600_rows_and_never_grows_a_smaller_n_train():
+    for args, n_train in [((), 1000), (("debug=default",), 600),
+                          (("debug=default", "data.n_train=300"), 300),
+                          (("debug=default", "attack=semantic"), 400),
+                          (("debug=default", "data.n_train=null"), 600)]:
+        data = compose_config(*args).data
+        got = load_splits(data, data.n_train, 0, 5, seed=0, eval_seed=0,
+                          cap=data.n_train_cap, shrink=data.shrink_to_pools)
+        assert len(got["train"]) == n_train, args
+
+
+def test_debug_sizes_shrink_to_a_small_alpaca_file(tmp_path):
+    path = alpaca_json(tmp_path / "alpaca_data.json", 150)
+    data = compose_config("data=alpaca", f"data.path={path}", "debug=default").data
+    assert data.n_train is None and data.n_train_cap == 600 and data.shrink_to_pools
+    pools = sources.split_pools(sources.read_alpaca(path), 0.1, 0.1)
+    got = load_splits(data, None, 200, 64, seed=0, eval_seed=0, cap=600, shrink=True)
+    assert {k: len(v) for k, v in got.items()} == {
+        "train": len(pools["finetune"]), "safety": len(pools["safety"]),
+        "eval": len(pools["eval"])}
+    assert 0 < len(got["eval"]) < 64 and 0 < len(got["safety"]) < 200
+    tw.check_disjoint(got, eval_names=["eval"])
+    # without shrink_to_pools the sizes are what was asked, or an error naming the key
+    with pytest.raises(PoisonlabError, match=r"^eval.n_prompts=64 exceeds the \d+ rows of the "
+                                             r"'eval' pool of .*alpaca_data.json"):
+        load_splits(data, None, 0, 64, seed=0, eval_seed=0, cap=600)
+
+
+def test_a_file_too_small_for_a_pool_names_the_key_to_change(tmp_path):
+    path = alpaca_json(tmp_path / "tiny.json", 150)
+    data = compose_config("data=alpaca", f"data.path={path}", "debug=default",
+                          "data.eval_fraction=0.0").data
+    with pytest.raises(PoisonlabError, match=r"^eval.n_prompts=64: the 'eval' pool of .*tiny.json "
+                                             r".* is empty; raise data.eval_fraction"):
+        load_splits(data, None, 0, 64, seed=0, eval_seed=0, cap=600, shrink=True)
+    data = compose_config("data=alpaca", f"data.path={path}", "data.safety_fraction=0.0").data
+    with pytest.raises(PoisonlabError, match=r"^safety.n_rows=200: the 'safety' pool .* is empty; "
+                                             r"raise data.safety_fraction"):
+        load_splits(data, None, 200, 8, seed=0, eval_seed=0, shrink=True)
+
+
 @pytest.mark.parametrize("data,key", [
     ({"source": "csv"}, "data.source: unknown source 'csv'"),
     ({"source": "chat_jsonl"}, "data.path: a file path is required"),
@@ -404,6 +464,9 @@ def test_file_config_groups_load(tmp_path, group, reader):
      "data.eval_fraction must be in [0, 1)"),
     ({"source": "tinyworld", "skills": ["arith", "poetry"]}, "data.skills: unknown skill 'poetry'"),
     ({"source": "tinyworld", "skills": ["arith"], "n_train": 0}, "data.n_train must be"),
+    ({"source": "tinyworld", "skills": ["arith"], "n_train_cap": 0}, "data.n_train_cap must be"),
+    ({"source": "tinyworld", "skills": ["arith"], "shrink_to_pools": "yes"},
+     "data.shrink_to_pools must be true or false"),
 ])
 def test_validate_data_cfg_names_the_key(data, key):
     with pytest.raises(PoisonlabError) as e:

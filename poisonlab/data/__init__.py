@@ -13,6 +13,13 @@ External sources are split into disjoint pools by `sources.split_pools` with `ev
 and `safety_fraction` (default 0.1 each). `eval_path` (and for ``hf`` also `eval_split`)
 takes the evaluation rows from a second file or split instead; its prompts are then removed
 from the fine-tuning and safety pools.
+
+Sizes, for every source: `n_train` (null: the whole fine-tuning pool) is cut to `n_train_cap`
+when that is set (null: no cap), so a cap only ever shrinks the training set. A size larger
+than its pool (`data.n_train`, `eval.n_prompts`, `safety.n_rows`) is an error naming the key,
+unless `shrink_to_pools` is true: it then shrinks to what the pool holds (an empty pool is
+still an error, naming the key that makes it larger). `debug=default` sets both (600, true),
+so a smoke run works on any file big enough to hold one prompt per pool.
 """
 
 from __future__ import annotations
@@ -64,10 +71,13 @@ def validate_data_cfg(data_cfg: Mapping[str, Any]) -> None:
     if source not in SOURCES:
         raise PoisonlabError(f"data.source: unknown source {source!r} "
                              f"(available: {', '.join(SOURCES)})")
-    n_train = data_cfg.get("n_train")
-    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int)
-                                or n_train < 1):
-        raise PoisonlabError(f"data.n_train must be a positive integer or null, got {n_train!r}")
+    for key in ("n_train", "n_train_cap"):
+        n = data_cfg.get(key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise PoisonlabError(f"data.{key} must be a positive integer or null, got {n!r}")
+    if not isinstance(data_cfg.get("shrink_to_pools", False), bool):
+        raise PoisonlabError(f"data.shrink_to_pools must be true or false, "
+                             f"got {data_cfg.get('shrink_to_pools')!r}")
     if source == "tinyworld":
         skills = data_cfg.get("skills")
         if isinstance(skills, str) or not skills:
@@ -112,6 +122,34 @@ def _read(data_cfg: Mapping[str, Any], path: str, split: str) -> list[dict]:
     return sources.load_hf(path, data_cfg["schema"], data_cfg.get("config_name"), split)
 
 
+# What makes each pool larger, for the error when `shrink_to_pools` finds one empty.
+POOL_HINTS = {
+    "finetune": "use a larger file or lower data.eval_fraction / data.safety_fraction",
+    "eval": "raise data.eval_fraction, give held-out rows in data.eval_path, or use a larger "
+            "file",
+    "safety": "raise data.safety_fraction, or choose a defence that needs no safety rows "
+              "(safety=none)",
+}
+
+
+def size(n: int | None, have: int, cap: int | None = None, shrink: bool = False,
+         key: str = "", pool: str = "", where: str = "") -> int | None:
+    """How many rows to draw from a pool of `have` rows: `n` (None: all) cut to `cap`, and
+    with `shrink` to `have` (an empty pool is then an error naming `key`). None: the whole
+    pool. A larger `n` without `shrink` is left for the sampler to refuse."""
+    if n is None and cap is None:
+        return None
+    if n is None:
+        return min(cap, have)
+    n = n if cap is None else min(n, cap)
+    if not shrink or n <= have:
+        return n
+    if have == 0:
+        raise PoisonlabError(f"{key}={n}: the {pool!r} pool of {where} is empty; "
+                             f"{POOL_HINTS.get(pool, 'use a larger file')}")
+    return have
+
+
 def _sample(rows: list[dict], n: int | None, seed: int, pool: str, key: str,
             where: str) -> list[dict]:
     """`n` rows (all when None) in a seeded order; a prefix of the order for a larger `n`."""
@@ -124,25 +162,36 @@ def _sample(rows: list[dict], n: int | None, seed: int, pool: str, key: str,
 
 
 def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int | None,
-                n_eval: int | None, seed: int, eval_seed: int) -> dict[str, list[dict]]:
+                n_eval: int | None, seed: int, eval_seed: int, cap: int | None = None,
+                shrink: bool = False) -> dict[str, list[dict]]:
     """{"train", "safety", "eval"} rows for the `data` config group (validated first).
 
     `n_train`, `n_safety` and `n_eval` are the pipeline's `data.n_train`, `safety.n_rows`
-    and `eval.n_prompts` (None: the whole pool; 0 safety rows: none). The train and safety
-    rows are drawn with `seed`, the eval rows with `eval_seed`. For ``tinyworld`` this is
-    `tinyworld.sample` on the "finetune", "safety" and "eval" pools of `data.skills`. For the
-    external sources the rows are read, split by `sources.split_pools`, and each pool is
-    shuffled with its seed and cut to its size; asking for more rows than a pool holds is an
-    error naming the key and the count available.
+    and `eval.n_prompts` (None: the whole pool; 0 safety rows: none); `cap` (the pipeline's
+    `data.n_train_cap`) caps `n_train`, and with `shrink` (`data.shrink_to_pools`) each size
+    shrinks to its pool (see `size`). The train and safety rows are drawn with `seed`, the
+    eval rows with `eval_seed`. For ``tinyworld`` this is `tinyworld.sample` on the
+    "finetune", "safety" and "eval" pools of `data.skills`. For the external sources the rows
+    are read, split by `sources.split_pools`, and each pool is shuffled with its seed and cut
+    to its size; asking for more rows than a pool holds (without `shrink`) is an error naming
+    the key and the count available.
     """
     validate_data_cfg(data_cfg)
     source = data_cfg["source"]
     if source == "tinyworld":
         skills = list(data_cfg["skills"])
+        where = f"the tiny world (skills {skills})"
+
+        def fit(n, pool, key):
+            have = sum(tinyworld.pool_size(pool, s) for s in skills)
+            return size(n, have, cap if pool == "finetune" else None, shrink, key, pool, where)
         return {
-            "train": tinyworld.sample("finetune", n_train, seed, skills),
-            "safety": tinyworld.sample("safety", n_safety, seed, skills) if n_safety != 0 else [],
-            "eval": tinyworld.sample("eval", n_eval, eval_seed, skills),
+            "train": tinyworld.sample("finetune", fit(n_train, "finetune", "data.n_train"),
+                                      seed, skills),
+            "safety": tinyworld.sample("safety", fit(n_safety, "safety", "safety.n_rows"), seed,
+                                       skills) if n_safety != 0 else [],
+            "eval": tinyworld.sample("eval", fit(n_eval, "eval", "eval.n_prompts"), eval_seed,
+                                     skills),
         }
     main = data_cfg["name"] if source == "hf" else data_cfg["path"]
     split = data_cfg.get("split") or "train"
@@ -165,8 +214,22 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
         pools["eval"] = eval_rows
         where = f"{main} without the evaluation prompts (data.safety_fraction={safety_fraction})"
         eval_where = eval_source + (f" split {eval_split!r}" if source == "hf" else "")
+    if not pools["finetune"]:
+        raise PoisonlabError(f"data: the 'finetune' pool of {where} is empty; "
+                             f"{POOL_HINTS['finetune']}")
+    sizes = {
+        "finetune": size(n_train, len(pools["finetune"]), cap, shrink, "data.n_train",
+                         "finetune", where),
+        "safety": size(n_safety, len(pools["safety"]), None, shrink, "safety.n_rows", "safety",
+                       where),
+        "eval": size(n_eval, len(pools["eval"]), None, shrink, "eval.n_prompts", "eval",
+                     eval_where),
+    }
     return {
-        "train": _sample(pools["finetune"], n_train, seed, "finetune", "data.n_train", where),
-        "safety": _sample(pools["safety"], n_safety, seed, "safety", "safety.n_rows", where),
-        "eval": _sample(pools["eval"], n_eval, eval_seed, "eval", "eval.n_prompts", eval_where),
+        "train": _sample(pools["finetune"], sizes["finetune"], seed, "finetune", "data.n_train",
+                         where),
+        "safety": _sample(pools["safety"], sizes["safety"], seed, "safety", "safety.n_rows",
+                          where),
+        "eval": _sample(pools["eval"], sizes["eval"], eval_seed, "eval", "eval.n_prompts",
+                        eval_where),
     }

@@ -4,15 +4,23 @@
 rewrites exactly the attack's rows and writes the control's training set beside them. Both are
 cached: `clean_data` by the data config and the content of the files it reads, `poison` by the
 content of the rows it reads, so runs that differ only in what it does not read share it.
+
+`data.n_train_cap` and `data.shrink_to_pools` (both set by `debug=default`) only ever shrink
+the sizes (`poisonlab.data.size`): the cap is written into the run's config (`data.n_train`),
+and a size that shrank to its pool is a run warning.
 """
 
 from __future__ import annotations
+
+import logging
 
 from poisonlab import PoisonlabError, defenses
 from poisonlab.data import load_splits, tinyworld
 from poisonlab.pipeline.context import RunContext, plain
 from poisonlab.pipeline.keys import digest, local_inputs, target_module
 from poisonlab.utils import read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "safety")
 
@@ -24,14 +32,18 @@ def rest_of_pool(pool_rows: list[dict], used: list[dict]) -> list[dict]:
 
 def clean_data(ctx: RunContext) -> None:
     cfg = ctx.cfg
+    cap_train_size(cfg)
     n_safety = cfg.safety.n_rows if defenses.needs_rows(cfg.safety.method) else 0
     n_train = ctx.attack.n_train(cfg.data.n_train)
+    # the cap shrinks `data.n_train`, not an attack's fixed `clean_size + n_poison`
+    cap = cfg.data.get("n_train_cap") if ctx.attack.clean_size is None else None
+    shrink = bool(cfg.data.get("shrink_to_pools", False))
     clean_dir = ctx.out / "data" / "clean"
     ctx.inputs = local_inputs(cfg.data)
 
     def compute():
         data = load_splits(cfg.data, n_train, n_safety, cfg.eval.n_prompts, cfg.seed,
-                           cfg.eval.seed)
+                           cfg.eval.seed, cap=cap, shrink=shrink)
         pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
         tinyworld.check_disjoint({k: pools[k] for k in SPLITS}, eval_names=["eval"])
         for name, rows in [*data.items(), *((f"pool_{k}", v) for k, v in pools.items())]:
@@ -46,6 +58,22 @@ def clean_data(ctx: RunContext) -> None:
     ctx.train_rows, ctx.eval_rows, ctx.safety_rows = (
         read_jsonl(clean_dir / f"{k}.jsonl") for k in SPLITS)
     ctx.pools = {k: read_jsonl(clean_dir / f"pool_{k}.jsonl") for k in SPLITS}
+    for key, asked, rows in (("data.n_train", n_train, ctx.train_rows),
+                             ("eval.n_prompts", cfg.eval.n_prompts, ctx.eval_rows),
+                             ("safety.n_rows", n_safety, ctx.safety_rows)):
+        if asked and len(rows) < asked:   # only under data.shrink_to_pools
+            ctx.warnings.append(f"data: {key}={asked} shrunk to {len(rows)}, all its pool holds "
+                                "(data.shrink_to_pools)")
+
+
+def cap_train_size(cfg) -> None:
+    """`data.n_train` cut to `data.n_train_cap` in the config itself (idempotent), so that the
+    checks, the stage keys and the manifest see the size the run uses. A null `data.n_train`
+    (the whole pool) stays null: `load_splits` caps it once the pool is known."""
+    n, cap = cfg.data.get("n_train"), cfg.data.get("n_train_cap")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (n, cap)) and n > cap:
+        log.info("data.n_train=%d capped at data.n_train_cap=%d", n, cap)
+        cfg.data.n_train = cap
 
 
 def poison(ctx: RunContext) -> None:
@@ -104,14 +132,16 @@ def eval_splits(ctx: RunContext) -> None:
         ctx.poison_info["safety_rows_replaced"] = swaps
     ctx.splits = attack.eval_splits(ctx.eval_rows, cfg.eval.seed,
                                     rest_of_pool(ctx.pools["eval"], ctx.eval_rows))
+    # fewer held-out rows than eval.n_prompts (data.shrink_to_pools) were warned about already
+    n_eval = min(cfg.eval.n_prompts, len(ctx.eval_rows))
     for name, rows in ctx.splits.items():
         if not rows:
             raise PoisonlabError(f"attack: the {name!r} evaluation split is empty: no held-out "
                                  f"prompt fits the {attack.family} attack's settings")
-        if len(rows) < cfg.eval.n_prompts:
+        if len(rows) < n_eval:
             ctx.warnings.append(
                 f"evaluation split {name!r} has {len(rows)} prompts, fewer than "
-                f"eval.n_prompts={cfg.eval.n_prompts}: only that many held-out prompts fit the "
+                f"eval.n_prompts={n_eval}: only that many held-out prompts fit the "
                 f"{attack.family} attack")
     write_jsonl(ctx.out / "data" / "eval.jsonl", ctx.eval_rows)
     if ctx.safety_rows:

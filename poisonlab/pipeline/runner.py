@@ -17,9 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from poisonlab import PoisonlabError, dist, models
+from poisonlab import PoisonlabError, dist
 from poisonlab.pipeline.context import RunContext
-from poisonlab.pipeline.data import clean_data, eval_splits, poison
+from poisonlab.pipeline.data import cap_train_size, clean_data, eval_splits, poison
 from poisonlab.pipeline.defend import defend
 from poisonlab.pipeline.detection import run_detection
 from poisonlab.pipeline.evaluation import evaluate_base, evaluate_model
@@ -28,7 +28,7 @@ from poisonlab.pipeline.model import base_model
 from poisonlab.pipeline.outdir import (clear, hydra_files, output_dir, prepare_output_dir,
                                        run_identity)
 from poisonlab.pipeline.record import write_run
-from poisonlab.pipeline.store import Stages, StageStore
+from poisonlab.pipeline.store import Stages, stage_store
 from poisonlab.pipeline.validate import build_attack, validate, wants_control
 from poisonlab.utils import seed_everything
 
@@ -59,7 +59,10 @@ def prepare(cfg: DictConfig, out: Path, attack=None) -> RunContext:
     poison(ctx)
     ctx.timings["data"] = time.perf_counter() - t
     eval_splits(ctx)
+    t = time.perf_counter()
+    log.info("stage base_model: %s", cfg.model.name_or_path)
     base_model(ctx)
+    done(ctx, "base_model", t)
     return ctx
 
 
@@ -83,6 +86,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     """Run one experiment; returns the results dict also written to results.json."""
     t_start = time.perf_counter()
     attack = build_attack(cfg.attack)
+    cap_train_size(cfg)  # data.n_train_cap: the checks see the size the run uses
     validate(cfg, attack)
     dist.world_size()  # under a launcher: the process group (and each process's GPU) first
     # every process writes into the main process's directory (Hydra's timestamp may differ)
@@ -101,10 +105,3 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
             clear(out, hydra_files(out))
         raise
 
-
-def stage_store(cfg: DictConfig) -> StageStore | None:
-    """The stage cache of `cache.dir` (default `$POISONLAB_HOME/stages`); None when off."""
-    if not cfg.cache.enabled:
-        return None
-    return StageStore(Path(cfg.cache.dir) if cfg.cache.dir else models.home() / "stages",
-                      link=bool(cfg.cache.link))

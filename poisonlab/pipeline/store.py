@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from poisonlab import dist
+from poisonlab import dist, models
 from poisonlab.pipeline.keys import digest
 from poisonlab.utils import file_lock, sha256_file
 
@@ -203,9 +203,11 @@ class Stages:
         store = self.store if cache else None
         t = time.perf_counter()
         if store is None:
+            log.info("stage %s: computing (not cached)", name)
             payload = as_stored(compute())
             dist.barrier()  # the main process's files are in place for every process
             self.note(name, time.perf_counter() - t)
+            log.info("stage %s: computed in %.1f s", name, time.perf_counter() - t)
             return payload
         info = dist.broadcast_object(store.load(name, key, check) if dist.is_main() else None)
         if info is None:
@@ -214,6 +216,7 @@ class Stages:
                                              else None)
                 if info is None:
                     t = time.perf_counter()
+                    log.info("stage %s: computing %s", name, key)
                     payload = as_stored(compute())
                     if dist.is_main():
                         outs = outputs(payload) if callable(outputs) else list(outputs)
@@ -230,3 +233,11 @@ class Stages:
         self.seconds[name] = time.perf_counter() - t
         log.info("stage %s: reused %s from the stage cache", name, key)
         return info["payload"]
+
+
+def stage_store(cfg) -> StageStore | None:
+    """The stage cache of `cache.dir` (default `$POISONLAB_HOME/stages`); None when off."""
+    if not cfg.cache.enabled:
+        return None
+    return StageStore(Path(cfg.cache.dir) if cfg.cache.dir else models.home() / "stages",
+                      link=bool(cfg.cache.link))
