@@ -189,8 +189,8 @@ def markdown(df, accounting: dict, title: str = "Defence benchmark") -> str:
              "model-level ones. Before = the `poisoned` stage; after = the defence's model "
              "(`after_safety`, or `filtered` for filter then retrain). DER, the defence "
              "effectiveness rating (BackdoorBench) = (max(0, ΔASR) − max(0, Δutility) + 1) / 2: "
-             "1 removed at no utility cost, 0.5 no net effect. Seconds: the defence or detector itself, evaluation "
-             "excluded.", "",
+             "1 removed at no utility cost, 0.5 no net effect. Seconds: the defence or detector "
+             "itself, evaluation excluded.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     refused = df[df["kind"] == "refused"]
     for r in df[df["kind"] != "refused"].itertuples(index=False):
