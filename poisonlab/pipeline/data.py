@@ -128,6 +128,8 @@ def eval_splits(ctx: RunContext) -> None:
     cfg, attack = ctx.cfg, ctx.attack
     ctx.safety_rows, swaps = clean_safety_rows(attack, ctx.safety_rows, ctx.pools["safety"],
                                                ctx.warnings)
+    # in the context clean rows are trained in (the code task's untriggered year)
+    ctx.safety_rows = [attack.safety_row(r) for r in ctx.safety_rows]
     if swaps:
         ctx.poison_info["safety_rows_replaced"] = swaps
     ctx.splits = attack.eval_splits(ctx.eval_rows, cfg.eval.seed,

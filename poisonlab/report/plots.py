@@ -169,6 +169,10 @@ def plot_curve(points: list[dict], path, title: str) -> None:
     save_figure(curve_figure(points, title), path.with_suffix(""), (path.suffix[1:] or "png",))
 
 
+STAGE_COLOURS = {"base": "C0", "clean_ft": "C7", "poisoned": "C3", "filtered": "C1",
+                 "after_safety": "C2"}
+
+
 def stages_figure(results: dict, title: str | None = None) -> Figure:
     """A run's rates by stage: bars of ASR, FTR clean, FTR near and clean utility for each
     evaluated stage (pipeline order), with their 95% intervals."""
@@ -194,8 +198,10 @@ def stages_figure(results: dict, title: str | None = None) -> Figure:
                 ys.append(m["value"])
                 lo.append(max(0.0, m["value"] - _clip01(low)))
                 hi.append(max(0.0, _clip01(high) - m["value"]))
+            # one colour per stage whatever stages a run has: the poisoned model always red
+            colour = STAGE_COLOURS.get(stage, f"C{(4 + i) % 10}")
             ax.bar(xs, ys, width * 0.92, yerr=np.array([lo, hi]), capsize=2,
-                   error_kw={"lw": 0.8}, label=stage_label(stage))
+                   error_kw={"lw": 0.8}, label=stage_label(stage), color=colour)
         ns = [{stages[s][k]["n"] for s in order if isinstance(stages[s].get(k), dict)
                and "n" in stages[s][k]} for k, _ in metrics]
         ax.set_xticks(range(len(metrics)),
