@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = ("sft", "adversarial", "dpo", "prune", "fine_prune", "crow", "quantize", "decoding",
-           "onion", "none")
+METHODS = ("sft", "adversarial", "dpo", "rl", "prune", "fine_prune", "crow", "quantize",
+           "decoding", "onion", "none")
 # methods that train, so `safety.eval_every` can draw a persistence curve
-TRAINED = ("sft", "adversarial", "dpo", "fine_prune", "crow")
+TRAINED = ("sft", "adversarial", "dpo", "rl", "fine_prune", "crow")
 
 
 def method_module(name: str):
@@ -31,8 +31,8 @@ def needs_rows(name: str) -> bool:
     return bool(module is not None and module.ROWS)
 
 
-# methods that need the attack's target behaviour (to search for it, or to reject it)
-NEED_TARGET = ("adversarial", "dpo")
+# methods that need the attack's target behaviour (to search for it, reject it or penalise it)
+NEED_TARGET = ("adversarial", "dpo", "rl")
 
 
 def validate(cfg, attack=None) -> None:
