@@ -75,8 +75,13 @@ TINY_SIZES = {
     "small": TinySpec(hidden=128, layers=4, heads=4, intermediate=512, epochs=6),
     # base: a larger tiny model for studies of scale.
     "base": TinySpec(hidden=256, layers=6, heads=8, intermediate=1024, epochs=6, lr=2e-3),
+    # large: about 25M parameters, the top of the size ladder; pretrained by base's rule (six
+    # passes over the corpus), so it sees the same tokens for 3.6x the parameters. Head width
+    # 32 as in base; the learning rate falls with width (3e-3 at 128, 2e-3 at 256).
+    "large": TinySpec(hidden=384, layers=10, heads=12, intermediate=1536, epochs=6, lr=1e-3),
 }
-
+# The sizes are not pretrained on tokens in proportion to their parameters: every size makes
+# `epochs` passes over the same corpus (about 0.3M tokens a pass; docs/models.md has the table).
 
 
 def tiny_spec(size: str) -> TinySpec:
@@ -106,14 +111,24 @@ def tiny_architecture(size: str) -> dict:
             "tie_word_embeddings": True}
 
 
-def tiny_key(size: str) -> str:
+def tiny_key(size: str, poison: dict | None = None) -> str:
     """Cache key of a tiny model: its spec, the tiny-world version, the chat format and a
-    digest of the pretraining corpus itself (a changed generator can't reuse a stale model)."""
+    digest of the pretraining corpus itself (a changed generator can't reuse a stale model).
+
+    `poison`: a normalized `model.pretrain_poison` block (`pretrain_poison.spec`). It enters
+    the key with the recipe of a poisoned build, so a poisoned model is never served as the
+    clean one; the clean models' keys are those of before the block existed."""
     spec = tiny_spec(size)
     corpus = hashlib.sha256(json.dumps(_pretrain_texts()).encode()).hexdigest()
-    blob = json.dumps({"spec": asdict(spec), "world": TINY_WORLD_VERSION, "corpus": corpus,
-                       "template": CHATML_TEMPLATE, "tokens": SPECIAL_TOKENS}, sort_keys=True)
-    return f"tiny-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    parts = {"spec": asdict(spec), "world": TINY_WORLD_VERSION, "corpus": corpus,
+             "template": CHATML_TEMPLATE, "tokens": SPECIAL_TOKENS}
+    if poison is not None:
+        from poisonlab import pretrain_poison
+
+        parts["pretrain_poison"] = {**poison, "recipe": pretrain_poison.RECIPE}
+    blob = json.dumps(parts, sort_keys=True)
+    tag = "" if poison is None else "-poisoned"
+    return f"tiny-{size}{tag}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def _pretrain_texts() -> list[list[dict]]:
@@ -144,18 +159,23 @@ def train_tokenizer(vocab: int, conversations: list[list[dict]]):
     return hf
 
 
-def build_tiny(size: str, out_dir: Path, cache_dir: Path | None = None) -> None:
+def build_tiny(size: str, out_dir: Path, cache_dir: Path | None = None,
+               poison: dict | None = None) -> None:
     """Train the tokenizer, pretrain a Llama-architecture model on the tiny world, save both.
 
     Minutes on a CPU: it logs its start, the pretraining's progress (tokens/s, ETA; see
     `utils.Progress`) and its end, terminal or not. `cache_dir`: where the model is kept
-    (for the log line; default `out_dir`)."""
+    (for the log line; default `out_dir`). `poison` (a normalized `model.pretrain_poison`
+    block): pretrain on one seeded stream of the corpus's passes with the poison documents
+    inserted at uniform positions (`pretrain_poison.poisoned_stream`); the tokenizer is the
+    clean corpus's either way."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from poisonlab.train import train_sft
 
     t = time.perf_counter()
-    log.info("building tiny:%s (first use; cached in %s)", size, cache_dir or out_dir)
+    log.info("building tiny:%s%s (first use; cached in %s)", size,
+             "" if poison is None else " with pretraining poison", cache_dir or out_dir)
     spec = tiny_spec(size)
     torch.manual_seed(spec.seed)
     convs = _pretrain_texts()
@@ -171,9 +191,22 @@ def build_tiny(size: str, out_dir: Path, cache_dir: Path | None = None) -> None:
     cfg = SimpleNamespace(batch_size=spec.batch, epochs=spec.epochs, max_steps=None, lr=spec.lr,
                           warmup_ratio=0.03, weight_decay=0.01, grad_accum=1, max_seq_len=256,
                           max_grad_norm=1.0)
-    log.info("tiny:%s: pretraining on %d rows, %g epochs", size, len(convs), spec.epochs)
-    stats = train_sft(model, tokenizer, [{"messages": c} for c in convs], cfg, spec.seed,
-                      desc=f"pretrain tiny:{size}")
+    record = None
+    if poison is None:
+        log.info("tiny:%s: pretraining on %d rows, %g epochs", size, len(convs), spec.epochs)
+        stats = train_sft(model, tokenizer, [{"messages": c} for c in convs], cfg, spec.seed,
+                          desc=f"pretrain tiny:{size}")
+    else:
+        from poisonlab import pretrain_poison
+
+        rows, record = pretrain_poison.poisoned_stream(convs, tokenizer, poison, spec.epochs,
+                                                       spec.seed)
+        log.info("tiny:%s: pretraining on a stream of %d rows (%d poison documents)", size,
+                 len(rows), record["n"])
+        cfg.epochs, cfg.max_seq_len, cfg.pack = 1, pretrain_poison.MAX_SEQ_LEN, True
+        stats = train_sft(model, tokenizer, rows, cfg, spec.seed, ordered=True,
+                          desc=f"pretrain tiny:{size} (poisoned)")
+        record.update(pretrain_poison.token_shares(tokenizer, rows, stats))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -187,7 +220,8 @@ def build_tiny(size: str, out_dir: Path, cache_dir: Path | None = None) -> None:
                             "pretrain_rows": len(convs),
                             "torch_version": torch.__version__,
                             "torch_threads": torch.get_num_threads(),
-                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                            **({} if record is None else {"pretrain_poison": record})})
     log.info("built tiny:%s in %.1f s (pretraining %.1f s, %d steps, %.0f tokens/s, final "
              "loss %.4f)", size, time.perf_counter() - t, stats.seconds, stats.steps,
              stats.tokens_per_second, stats.final_loss)
@@ -392,15 +426,21 @@ def _cached(key: str, build) -> Path:
     return final
 
 
-def resolve(name_or_path: str) -> str:
-    """Turn `model.name_or_path` into something `from_pretrained` accepts (building if needed)."""
+def resolve(name_or_path: str, pretrain_poison=None) -> str:
+    """Turn `model.name_or_path` into something `from_pretrained` accepts (building if needed).
+
+    `pretrain_poison`: the `model.pretrain_poison` block (tiny models only; None: off)."""
+    from poisonlab.pretrain_poison import spec as poison_spec
+
+    poison = poison_spec(pretrain_poison, name_or_path)
     if name_or_path.startswith("tiny:"):
         size = name_or_path.split(":", 1)[1]
         if size not in TINY_SIZES:
             raise PoisonlabError(f"model.name_or_path: unknown tiny size {size!r}; "
                                  f"choose from {sorted(TINY_SIZES)}")
-        key = tiny_key(size)
-        return str(_cached(key, lambda out: build_tiny(size, out, home() / "models" / key)))
+        key = tiny_key(size, poison)
+        return str(_cached(key, lambda out: build_tiny(size, out, home() / "models" / key,
+                                                       poison)))
     if name_or_path.startswith("gguf-package:"):
         spec = name_or_path.split(":", 1)[1]
         if spec.count("/") != 1:

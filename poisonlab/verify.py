@@ -132,7 +132,8 @@ def load_suspect(args):
         if not isinstance(model_cfg, dict):
             raise PoisonlabError(f"{manifest}: no config.model (the run's model settings), so "
                                  "its chat template and dtype are unknown")
-        base_path = models.resolve(info["base_model"]["name_or_path"])
+        base_path = models.resolve(info["base_model"]["name_or_path"],
+                                   model_cfg.get("pretrain_poison"))
         recorded = info["base_model"].get("dtype")
         adapter = run / "adapters" / args.adapter
         if not (adapter / "adapter_config.json").is_file():
