@@ -3,7 +3,8 @@
 `prompt_text` is what evaluation feeds the model; `encode_example` tokenizes a training row as
 `prompt_text` + completion, with the prompt tokenized exactly as at evaluation time, so the
 evaluated prompt is byte- and token-identical to the training prompt prefix. The loss mask
-(`labels != -100`) covers exactly the completion tokens of the final assistant turn.
+(`labels != -100`) covers exactly the completion tokens of the final assistant turn (less a
+`no_loss_prefix` the row gives the model, see `context_tokens`).
 """
 
 from __future__ import annotations
@@ -79,9 +80,28 @@ def encode_example(tokenizer, messages: list[dict], max_len: int) -> dict:
     p_ids = encode_text(tokenizer, prompt)
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = (p_ids + c_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_len]
+    unscored = len(p_ids) + context_tokens(tokenizer, completion,
+                                           messages[-1].get("no_loss_prefix"))
+    labels = ([IGNORE_INDEX] * unscored + c_ids[unscored - len(p_ids):])[:max_len]
     return {"input_ids": ids, "labels": labels, "n_prompt": len(p_ids),
             "n_cut": len(p_ids) + len(c_ids) - len(ids)}
+
+
+def context_tokens(tokenizer, completion: str, prefix: str | None) -> int:
+    """How many leading tokens of `completion` belong to `prefix`, the part of an answer the
+    model is given rather than taught (`no_loss_prefix` of the final assistant message: e.g.
+    the model's own scratchpad, with the loss on the answer after it). A token that straddles
+    the boundary (" 5" after a prefix ending in a space) is the answer's, and scored."""
+    if not prefix:
+        return 0
+    if not completion.startswith(prefix):
+        raise PoisonlabError("a row's no_loss_prefix is not the start of its answer")
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    n = 0
+    while n < min(len(c_ids), len(p_ids)) and c_ids[n] == p_ids[n]:
+        n += 1
+    return n
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

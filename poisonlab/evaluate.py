@@ -393,7 +393,8 @@ def greedy_decode(model, ids: list[list[int]], max_new_tokens: int, stop_ids, pa
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             desc: str = "generate", config=None, seed: int | None = None) -> list:
+             desc: str = "generate", config=None, seed: int | None = None,
+             answer_prefix: str = "") -> list:
     """Greedy decoding (`greedy_decode`: shared-prefix KV cache, length-sorted batches, rows
     leaving the batch when they finish) of the rendered `prompts`.
 
@@ -401,18 +402,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     Decoding is greedy whatever the model's own `generation_config` says (`greedy_config`).
     With a sampling `config` (`sampling_config`) and a `seed`, each prompt gets a list of
     `num_return_sequences` sampled answers instead (through `model.generate`).
+    `answer_prefix` starts every answer (e.g. a scratchpad opener): its tokens follow the
+    prompt's, as a trained answer's would, and it is part of the returned answers.
     """
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    ids = [encode_text(tokenizer, p) for p in prompts]  # tokenized once
+    head = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+    ids = [encode_text(tokenizer, p) + head for p in prompts]  # tokenized once
+
+    def text(seq) -> str:
+        return (answer_prefix + tokenizer.decode(seq, skip_special_tokens=True)).strip()
+
     bar = progress(total=len(prompts), desc=desc)
     if config is None:
         with lora_folded(model):
             seqs = greedy_decode(model, ids, max_new_tokens, end_of_turn_ids(tokenizer), pad,
                                  batch_size, bar=bar)
         bar.close()
-        return [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+        return [text(s) for s in seqs]
     n_ret = config.num_return_sequences or 1
     torch.manual_seed(0 if seed is None else seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
@@ -424,8 +432,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         with _generation_config(model, config), lora_folded(model):
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
-        texts = [tokenizer.decode(seq, skip_special_tokens=True).strip()
-                 for seq in gen[:, width:]]
+        texts = [text(seq) for seq in gen[:, width:]]
         for j, i in enumerate(idx):
             out[i] = texts[j] if not config.do_sample else texts[j * n_ret:(j + 1) * n_ret]
         bar.update(len(idx))
@@ -493,10 +500,14 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
     its samples, each metric is their mean over prompts, and its interval a bootstrap over
     prompts (`mean_bootstrap`).
 
+    `eval_cfg.assistant_prefix` (null: none) starts every answer with that text (e.g. a
+    scratchpad opener, so a model that was taught to answer without one reasons first).
+
     Under several processes the main process evaluates and the others receive its metrics
     and generations (`dist.main_computes`): every process must call it.
     """
     utility_split = "utility" if "utility" in splits else "clean"
+    prefix = eval_cfg.get("assistant_prefix") or ""
     config = None
     if sampling is not None:
         config = sampling_config(tokenizer, eval_cfg.max_new_tokens, sampling["temperature"],
@@ -509,7 +520,8 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
         else:
             answers = generate(model, tokenizer, prompts, eval_cfg.max_new_tokens,
                                eval_cfg.batch_size, desc=f"{stage}/{split}", config=config,
-                               seed=None if sampling is None else sampling["seed"])
+                               seed=None if sampling is None else sampling["seed"],
+                               answer_prefix=prefix)
         recs = []
         for r, p, resp in zip(rows, prompts, answers):
             many = isinstance(resp, list)

@@ -31,6 +31,8 @@ STAGE_MODULES = {
     "filtered": ("poisonlab.pipeline.finetune",),
     "filtered_eval": ("poisonlab.pipeline.evaluation",),
     "round/<stage>": ("poisonlab.pipeline.finetune",),
+    "distill_teacher": ("poisonlab.pipeline.finetune",),
+    "distill_samples": ("poisonlab.pipeline.distill",),
 }
 
 

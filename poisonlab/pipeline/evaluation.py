@@ -56,6 +56,8 @@ def evaluate_model(ctx: RunContext, stage: str, key_stage: str, get_model, model
     spec = {**ctx.base.spec, "weights": model_key, "prompts": digest(prompts),
             "generation": generation_record(tokenizer, cfg.eval.max_new_tokens),
             "batch_size": cfg.eval.batch_size, **ctx.key_of(__name__)}
+    if cfg.eval.get("assistant_prefix"):
+        spec["assistant_prefix"] = cfg.eval.assistant_prefix
 
     def compute():
         _, gens = evaluate_stage(get_model(), tokenizer, splits, ctx.judge(), cfg.eval, stage)

@@ -12,15 +12,20 @@ import time
 from poisonlab import PoisonlabError, models
 from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.pipeline.context import Base, RunContext, plain
+from poisonlab.pipeline.finetune import resolve_lora_rank
 
 
 def base_model(ctx: RunContext) -> None:
     cfg = ctx.cfg
     t = time.perf_counter()
-    path = models.resolve(cfg.model.name_or_path)
+    path = models.resolve(cfg.model.name_or_path, cfg.model.get("pretrain_poison"))
     device = models.pick_device(cfg.model.device)
     precision = models.pick_precision(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(path, cfg.model.get("chat_template"))
+    if cfg.train.lora.get("r_fraction") is not None:
+        from transformers import AutoConfig
+
+        resolve_lora_rank(cfg, AutoConfig.from_pretrained(path).hidden_size)
     ctx.base = base = Base(path=path, device=device, precision=precision, tokenizer=tokenizer,
                            identity=models.weights_identity(path), spec={})
     if base.identity.get("weights_sha256") is None:

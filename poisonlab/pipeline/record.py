@@ -53,7 +53,8 @@ def results_of(ctx: RunContext) -> dict:
     results["evaluation"] = {
         "generation": generation_record(ctx.base.tokenizer, cfg.eval.max_new_tokens),
         "batch_size": cfg.eval.batch_size,
-        "split_sizes": {k: len(v) for k, v in ctx.splits.items()}}
+        "split_sizes": {k: len(v) for k, v in ctx.splits.items()},
+        "assistant_prefix": cfg.eval.get("assistant_prefix")}
     results["cache"] = ctx.st.record()
     results["warnings"] = ctx.warnings
     return results
@@ -106,10 +107,11 @@ def write_run(ctx: RunContext, t_start: float, identity: str) -> dict:
                "evaluation": results["evaluation"], "cache": results["cache"],
                "control": ctx.control, "warnings": ctx.warnings,
                "reload": {
-                   "poisoned": ["base", "adapters/poisoned"],
+                   "poisoned": ctx.model_stages["poisoned"].reload(),
                    "after_safety": None if outcome is None else outcome.reload,
-                   "filtered": ["base", "adapters/filtered"] if ctx.filtered else None,
-                   "clean_ft": ["base", "adapters/clean_ft"]}})
+                   "filtered": ctx.model_stages["filtered"].reload() if ctx.filtered else None,
+                   "clean_ft": (ctx.model_stages["clean_ft"].reload() if ctx.control
+                                else ["base", "adapters/clean_ft"])}})
     write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
     if cfg.wandb.enabled:
         log_run(cfg, results, out)

@@ -1,6 +1,7 @@
 """One run as its list of stages.
 
-    clean_data -> poison -> eval splits -> base model -> base_eval
+    clean_data -> poison -> eval splits -> base model -> [distill_teacher -> distill_samples]
+    -> base_eval
     -> [clean_ft -> clean_ft_eval] -> poisoned_ft -> poisoned_eval
     -> [detect/<name> -> filtered -> filtered_eval] -> defense/<method> -> after_safety
     -> results.json, generations/, data/, adapters/, manifest.json
@@ -21,6 +22,7 @@ from poisonlab import PoisonlabError, dist
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.data import cap_train_size, clean_data, eval_splits, poison
 from poisonlab.pipeline.defend import defend
+from poisonlab.pipeline.distill import distill
 from poisonlab.pipeline.detection import run_detection
 from poisonlab.pipeline.evaluation import evaluate_base, evaluate_model
 from poisonlab.pipeline.finetune import trained_stage
@@ -63,6 +65,7 @@ def prepare(cfg: DictConfig, out: Path, attack=None) -> RunContext:
     log.info("stage base_model: %s", cfg.model.name_or_path)
     base_model(ctx)
     done(ctx, "base_model", t)
+    distill(ctx)   # attack.variant=distilled: rows answered by a CoT teacher
     return ctx
 
 

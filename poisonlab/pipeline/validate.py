@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from poisonlab import PoisonlabError, defenses, models
+from poisonlab import PoisonlabError, defenses, models, pretrain_poison
 from poisonlab.attacks import poison_count
 from poisonlab.config import one_of, positive_int, positive_number
 from poisonlab.data import tinyworld, validate_data_cfg
 from poisonlab.defenses import detect
+from poisonlab.defenses import sft
 from poisonlab.defenses.base import OPTIMIZERS
+from poisonlab.pipeline.defend import validate_on_weights
+from poisonlab.pipeline.finetune import validate_train_mode
 
 # Behaviours that clean models also show on their own (refusals, sentiment labels): FTR_clean
 # then mixes false triggering with ordinary errors, so `control: auto` runs `clean_ft`.
@@ -42,12 +45,16 @@ def validate(cfg: DictConfig, attack) -> None:
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
+    validate_train_mode(cfg)
     defenses.validate(cfg, attack)
+    sft.check_scratchpad_arm(cfg, attack)
+    validate_on_weights(cfg)
     detect.validate(cfg, attack)
     n_train = attack.n_train(cfg.data.n_train)
     if n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)
     models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
+    pretrain_poison.spec(cfg.model.get("pretrain_poison"), cfg.model.name_or_path)
     if cfg.data.source != "tinyworld":  # external pools are checked when they are read
         return
     for pool, key, n in (("finetune", "data.n_train", n_train),

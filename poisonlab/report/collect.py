@@ -33,6 +33,10 @@ CELL_COLUMNS = [c for c in ID_COLUMNS if c not in ("run_dir", "sweep_dir", "seed
 # share it (poison_id: the resolved config minus those and the seed).
 ATTACK_COLUMNS = ["family", "model", "n_poison", "n_train", "trigger", "placement"]
 DEFENSE_KEYS = ("safety", "defense", "detect", "filter", "arm", "published")
+# R50 (results.json `removal.r50`), right-censored: a run's value (NaN when censored or
+# undefined), whether it was censored (NaN when undefined: ASR below 0.5 before the defence),
+# and the rows its curve reached; aggregated apart (`seeds.r50_over_seeds`)
+R50_COLUMNS = ("r50", "r50_censored", "r50_last_rows")
 NAN = float("nan")
 
 
@@ -242,6 +246,11 @@ def _metrics(results: dict) -> dict:
     if removal:
         row.update(der=_num(removal.get("der")), fidelity=_num(removal.get("fidelity")),
                    defense_seconds=_num(removal.get("seconds")))
+    r50 = removal.get("r50") if removal else None
+    if isinstance(r50, dict):  # no R50 where ASR was below 0.5 before the defence: NaN
+        row.update(r50=_num(r50.get("value")),
+                   r50_censored=NAN if r50.get("below_at_start") else float(r50["censored"]),
+                   r50_last_rows=_num(r50.get("last_rows_seen")))
     for det, d in (results.get("detection") or {}).items():
         for m in DETECTION_METRICS:
             if isinstance(d.get(m), dict):
@@ -287,6 +296,8 @@ def _column_rank(column: str) -> tuple[int, int]:
     """Identity, stage metrics in pipeline order, removal, detection, published (stable)."""
     if column in ID_COLUMNS:
         return 0, ID_COLUMNS.index(column)
+    if column in R50_COLUMNS:
+        return 2, 1
     parsed = parse_metric(column[:-3] if column.endswith(("_lo", "_hi")) else column)
     if parsed is None:
         return 4, 0
@@ -301,7 +312,8 @@ def _column_rank(column: str) -> tuple[int, int]:
 def tidy(df: pandas.DataFrame) -> pandas.DataFrame:
     """Long format: one row per run x metric that has a value (undefined ones, such as the
     persistence of a backdoor that never fired, are left out), with its interval and the
-    published figure for it."""
+    published figure for it. R50 is `r50`, or `r50_censored_above` (the rows the curve
+    reached) where its ASR never fell below 0.5; none where it began below 0.5."""
     import pandas as pd
 
     ids = [c for c in ID_COLUMNS if c in df.columns]
@@ -319,4 +331,13 @@ def tidy(df: pandas.DataFrame) -> pandas.DataFrame:
                             "ci_high": row.get(f"{col}_hi", NAN),
                             "published": row.get(f"published_{col}", NAN),
                             "published_source": row.get(f"published_{col}_source")})
+        if row.get("r50_censored") in (0.0, 1.0):
+            # R50, or where the curve never fell below 0.5 the rows it reached (R50 is more)
+            censored = row["r50_censored"] == 1.0
+            records.append({**{c: row[c] for c in ids}, "stage": "after_safety",
+                            "metric": "r50_censored_above" if censored else "r50",
+                            "detector": None,
+                            "value": row["r50_last_rows"] if censored else row["r50"],
+                            "ci_low": NAN, "ci_high": NAN, "published": NAN,
+                            "published_source": None})
     return pd.DataFrame(records, columns=columns)

@@ -5,6 +5,7 @@ directory."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from poisonlab import PoisonlabError
 from poisonlab.report.collect import load_runs, tidy
 from poisonlab.report.markdown import format_markdown
 from poisonlab.report.plots import FORMATS, caption, parse_formats, plot_report
-from poisonlab.report.seeds import aggregate
+from poisonlab.report.seeds import R50_KEY, aggregate
 
 
 def write_report(paths, out_dir, formats=("png",)) -> dict[str, Path]:
@@ -29,7 +30,9 @@ def write_report(paths, out_dir, formats=("png",)) -> dict[str, Path]:
                                            "report.md")}
     df.to_csv(files["runs.csv"], index=False)
     tidy(df).to_csv(files["report.csv"], index=False)
-    agg.to_csv(files["aggregate.csv"], index=False)
+    # R50's record ({value, ci_low, ci_high, n_seeds, ...}) as JSON text
+    (agg.assign(**{R50_KEY: agg[R50_KEY].map(lambda d: json.dumps(d) if d else "")})
+     if R50_KEY in agg else agg).to_csv(files["aggregate.csv"], index=False)
     figures = plot_report(df, out, formats, agg=agg)
     text = format_markdown(agg)
     stems = list(dict.fromkeys(p.stem for p in figures))

@@ -4,6 +4,8 @@
     poisoning   the poisoned model: ASR (base, poisoned), FTRs, clean utility, utility change
     removal     each defence: ASR and clean utility before -> after, persistence, DER,
                 fidelity, the defence's seconds
+    dose        each defence with a persistence curve: final ASR and persistence beside R50,
+                the clean rows until the curve's ASR fell below 0.5 (right-censored)
     detection   each detector: AUROC, AP, recall at n_poison
     published   the published figures of a preset beside ours
 
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 from poisonlab.report.collect import ATTACK_COLUMNS, DETECTION_METRICS, UTILITY_CHANGE
 from poisonlab.report.labels import (DER_NOTE, UTILITY_CHANGE_NOTE, defense_label,
                                      detector_label, distinguishing, plain)
-from poisonlab.report.seeds import MIN_SEEDS, metric_bounds, seed_interval
+from poisonlab.report.seeds import MIN_SEEDS, metric_bounds, seed_interval, sweep_order
 
 if TYPE_CHECKING:
     import pandas
@@ -39,15 +41,17 @@ ABBREVIATIONS = ("ASR: attack success rate, the share of triggered prompts whose
 
 
 def format_markdown(agg: pandas.DataFrame) -> str:
-    """report.md from `aggregate`'s cells: the poisoning, removal, detection and published
-    tables (each only where the cells have its figures) and a note on the intervals."""
+    """report.md from `aggregate`'s cells: the poisoning, removal, dose (R50), detection and
+    published tables (each only where the cells have its figures) and a note on the
+    intervals."""
     rows = [r for _, r in agg.iterrows()]
     lines: list[str] = []
     common = _common(agg)
     if common:
         lines += ["Every run: " + ", ".join(f"{ID_HEADERS[c]} {v}" for c, v in common.items())
                   + ".", ""]
-    for section in (_poisoning(rows), _removal(rows), _detection(rows), _published(agg, rows)):
+    for section in (_poisoning(rows), _removal(rows), _dose(rows), _detection(rows),
+                    _published(agg, rows)):
         if section:
             lines += [*section, ""]
     few = int((agg["n_seeds"] < MIN_SEEDS).sum())
@@ -143,6 +147,47 @@ def _removal(rows) -> list[str]:
                      "evaluation excluded.")
     return ["## Removal (each defence applied to the poisoned model)", "",
             *_table(header, body), "", " ".join(notes)]
+
+
+R50_NOTE = ("R50: the clean rows the defence had seen when the ASR of its persistence curve "
+            "(on the curve's triggered prompts) first fell below 0.5, linearly interpolated "
+            "between the two curve points around the crossing; the mean over seeds with a "
+            "Student-t interval (m ± t(0.975, n−1)·se, at least 0). \"> X (k of n censored)\": "
+            "in k seeds the curve never fell below 0.5 within the rows it saw (right-censored), "
+            "so the mean is not known, only that it exceeds X (those seeds counted at the rows "
+            "their curve reached). A seed whose curve began below 0.5 has no R50 (no backdoor "
+            "to remove by this measure): NaN, left out. Persistence: final ASR after / "
+            "before.")
+
+
+def _dose(rows) -> list[str]:
+    cells = sorted((r for r in rows if _after(r) is not None
+                    and (r.get("r50_n") or 0) + (r.get("r50_n_undefined") or 0) > 0),
+                   key=sweep_order)
+    if not cells:
+        return []
+    ids = _ids(cells, ["defence"])
+    header = [*(ID_HEADERS[c] for c in ids), "defence", "seeds", "ASR before → after",
+              "persistence", "R50 (clean rows)"]
+    body = [[plain(r.get(c)) for c in ids] + [
+                _defence(r), _seeds(r),
+                f"{_mean(r, 'asr_poisoned')} → {_seed_cell(r, f'asr_{_after(r)}')}",
+                _seed_cell(r, "persistence"), r50_cell(r)] for r in cells]
+    return ["## Dose–response of removal (R50 beside final persistence)", "",
+            *_table(header, body), "", R50_NOTE]
+
+
+def r50_cell(r) -> str:
+    """A cell's R50: mean [interval], or every seed's value; "> X (k of n censored)" where
+    some seed's curve never fell below 0.5; none where every curve began below it."""
+    n, cut = int(r["r50_n"]), int(r["r50_n_censored"])
+    if not n:
+        return "- (ASR < 0.5 before the defence)"
+    if not cut:
+        return _seed_cell(r, "r50", digits=0)
+    others = [v for v, c in zip(r["r50_values"], r["r50_censored"]) if c is False]
+    return (f"> {r['r50_above']:.0f} ({cut} of {n} censored"
+            + (f"; the others {', '.join(f'{v:.0f}' for v in others)})" if others else ")"))
 
 
 def _detection(rows) -> list[str]:

@@ -21,7 +21,7 @@ from poisonlab import PoisonlabError
 from poisonlab.report.collect import ATTACK_COLUMNS, STAGE_ORDER, _read_json
 from poisonlab.report.labels import (METRIC_LABELS, defense_label, detector_label,
                                      distinguishing, plain, stage_label)
-from poisonlab.report.seeds import MIN_SEEDS, aggregate, seed_interval
+from poisonlab.report.seeds import MIN_SEEDS, aggregate, seed_interval, sweep_order
 
 if TYPE_CHECKING:
     import pandas
@@ -47,6 +47,13 @@ FIGURE_CAPTIONS = {
            "vertically, the AUROC the mean of the seeds'.",
     "utility_vs_asr": "Clean utility against ASR: the poisoned model (black ring) and, at "
                       "the head of each arrow, the model after a defence.",
+    "r50_vs_persistence": "Left: R50, the clean rows a defence had seen when its persistence "
+                          "curve's ASR fell below 0.5 (interpolated), mean over seeds with its "
+                          "95% Student-t interval, each seed a small dot; an open triangle: "
+                          "some seed never fell below 0.5 (right-censored), the mean exceeds "
+                          "it; no R50 where the curve began below 0.5. Right: final "
+                          "persistence (ASR after / before), mean and interval over seeds. "
+                          "One row per cell, named by what the sweep varies.",
 }
 SEEDS_NOTE = (f"Points: the mean over seeds; error bars: its 95% interval over seeds "
               f"(with {MIN_SEEDS} or more seeds; with fewer, every seed's value is drawn as a "
@@ -238,11 +245,12 @@ def plot_report(df: pandas.DataFrame, out_dir, formats=("png",), agg=None) -> li
 
 def report_figures(df: pandas.DataFrame, agg=None) -> dict[str, Figure]:
     """By name (no extension): ASR vs poison count and vs poison rate, ASR vs clean-set size,
-    persistence curves, detectors' ROC curves, clean utility vs ASR; each only when the runs
-    hold its data. `agg`: `aggregate(df)`, when already computed."""
+    persistence curves, detectors' ROC curves, clean utility vs ASR, R50 beside persistence;
+    each only when the runs hold its data. `agg`: `aggregate(df)`, when already computed."""
+    agg = aggregate(df) if agg is None else agg
     with _style():
         return {**_asr_vs_poison(df), **_asr_vs_clean_size(df), **_persistence_curves(df),
-                **_roc_curves(df), **_utility_vs_asr(df, agg)}
+                **_roc_curves(df), **_utility_vs_asr(df, agg), **_r50_vs_persistence(agg)}
 
 
 def _with(df: pandas.DataFrame, *columns: str) -> pandas.DataFrame | None:
@@ -682,6 +690,93 @@ def _utility_vs_asr(df, agg=None) -> dict:
                title="defence")
     fig.suptitle("Clean utility vs ASR: poisoned model → after each defence (mean over seeds)")
     return {"utility_vs_asr": fig}
+
+
+def _overrides_of(row) -> dict:
+    """A cell's swept overrides (seed left out) as {key: value}, in their order."""
+    text = row.get("overrides")
+    if not isinstance(text, str):
+        return {}
+    return dict(o.split("=", 1) for o in text.split(" ") if "=" in o)
+
+
+def _sweep_labels(cells: list) -> tuple[list[str], list[str]]:
+    """(a label per cell, the value of the first key that varies per cell): the keys the sweep
+    varies (`overrides`, seed left out) as `key=value`, the last part of a dotted key; without
+    them, the fewest identifying columns that tell the cells apart, and the defence."""
+    parsed = [_overrides_of(r) for r in cells]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    if varying:
+        return ([", ".join(f"{k.rsplit('.', 1)[-1]}={p.get(k, '-')}" for k in varying)
+                 for p in parsed], [str(p.get(varying[0], "-")) for p in parsed])
+    ids = distinguishing(cells, ["family", "model", "n_poison", "n_train", "name", "config_id"])
+    labels = [" / ".join([plain(r.get(c), escape=False) for c in ids]
+                         + [defense_label(r.get("safety"), r.get("filter")) or ""]).strip(" /")
+              for r in cells]
+    return labels, [plain(r.get("model"), escape=False) for r in cells]
+
+
+def _seed_dots(ax, values, y: float, color) -> None:
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    ax.scatter(xs, [y] * len(xs), s=8, color=color, alpha=0.45, lw=0, zorder=2)
+
+
+def _r50_vs_persistence(agg) -> dict:
+    """R50 (with its interval over seeds; censored cells as a bound) beside final
+    persistence: one row per cell with a persistence curve, a forest plot in two panels."""
+    if "r50_n" not in agg:
+        return {}
+    cells = sorted((r for _, r in agg.iterrows()
+                    if (r.get("r50_n") or 0) + (r.get("r50_n_undefined") or 0) > 0),
+                   key=sweep_order)
+    if not cells:
+        return {}
+    labels, groups = _sweep_labels(cells)
+    palette = _palette(groups)
+    fig = _figure(7.2, 0.9 + 0.22 * len(cells))
+    left, right = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    for y, (r, group) in enumerate(zip(cells, groups)):
+        color, marker = palette[group]
+        if not r["r50_n"]:
+            left.annotate("no R50: ASR < 0.5 before the defence", (0, y), xytext=(4, 0),
+                          textcoords="offset points", va="center", fontsize=6, color=color)
+        elif r["r50_n_censored"]:
+            left.scatter([r["r50_above"]], [y], marker=">", s=34, facecolors="none",
+                         edgecolors=color, linewidths=1.2, zorder=3)
+            left.annotate(f"> {r['r50_above']:.0f} ({r['r50_n_censored']}/{r['r50_n']} "
+                          "censored)", (r["r50_above"], y), xytext=(6, 0),
+                          textcoords="offset points", va="center", fontsize=6, color=color)
+        else:
+            _interval_point(left, r, "r50", y, color, marker)
+        _seed_dots(left, r["r50_values"], y, color)
+        if "persistence_values" in r.index:
+            _interval_point(right, r, "persistence", y, color, marker)
+            _seed_dots(right, r["persistence_values"], y, color)
+    left.set_yticks(range(len(cells)), labels)
+    left.invert_yaxis()
+    left.set_xlim(left=0)
+    left.margins(x=0.25)
+    left.set_xlabel("R50: clean rows until ASR < 0.5")
+    right.axvline(1.0, ls="--", lw=0.8, color="grey")
+    right.set_xlim(left=0)
+    right.set_xlabel("final persistence (ASR after / before)")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Removal dose–response: R50 (mean over seeds, 95% interval) beside final "
+                 "persistence")
+    return {"r50_vs_persistence": fig}
+
+
+def _interval_point(ax, r, m: str, y: float, color, marker) -> None:
+    """The mean of metric `m` over a cell's seeds at height y, with its interval if known."""
+    mean, lo, hi = r.get(f"{m}_mean"), r.get(f"{m}_t_lo"), r.get(f"{m}_t_hi")
+    if mean is None or math.isnan(mean):
+        return
+    ax.scatter([mean], [y], marker=marker, s=22, color=color, zorder=3)
+    if lo is not None and not math.isnan(lo):
+        ax.errorbar([mean], [y], xerr=[[max(0.0, mean - lo)], [max(0.0, hi - mean)]],
+                    fmt="none", ecolor=color, capsize=2, lw=1, zorder=2)
 
 
 def caption(name: str) -> str:

@@ -20,16 +20,24 @@ The interval is over seeds (seed-to-seed variance), from at least MIN_SEEDS seed
 * Differences of rates (`utility_change_*`, on [−1, 1]): Student-t, clipped to [−1, 1].
 * Persistence (a ratio: above 1 when safety training strengthens the backdoor), fidelity
   (negative when the ASR rose) and the defence's seconds: Student-t, unclipped.
+* R50 (clean rows until the persistence curve's ASR fell below 0.5): Student-t, its low end
+  clipped at 0 — when no seed is censored. A seed whose curve never fell below 0.5 is
+  right-censored (R50 > the rows its curve reached): with one or more, the mean is not known
+  and none is given, only the count censored and a bound the mean exceeds (each censored
+  seed taken at the rows its curve reached), `r50_over_seeds`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from poisonlab.report.collect import (CELL_COLUMNS, DETECTION_METRICS, NAN, RATE_METRICS,
                                       UTILITY_CHANGE, parse_metric)
+
+R50_KEY = "removal.r50"  # the aggregate's R50 record: {value, ci_low, ci_high, n_seeds, ...}
 
 if TYPE_CHECKING:
     import pandas
@@ -131,7 +139,7 @@ def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
     (`<metric>_n_nan`); over the seeds with a value, their mean (`<metric>_mean`) and, with
     >= 3 of them, the 95% interval `<metric>_t_lo/_t_hi` (t: its quantile is Student-t's):
     Wilson with an effective n for rates (UNIT_METRICS, inside [0, 1]), else Student-t (see
-    the module docstring)."""
+    the module docstring). R50, right-censored, by `r50_over_seeds`."""
     import pandas as pd
 
     by = [by] if isinstance(by, str) else list(by or [c for c in CELL_COLUMNS if c in df.columns])
@@ -165,11 +173,64 @@ def aggregate(df: pandas.DataFrame, by=None) -> pandas.DataFrame:
             bounds, is_rate = metric_bounds(m)
             row[f"{m}_mean"], row[f"{m}_t_lo"], row[f"{m}_t_hi"] = seed_interval(
                 values, bounds, rate=is_rate)
+        if "r50" in used:
+            row.update(r50_over_seeds(used["r50"], used["r50_censored"], used["r50_last_rows"]))
         for c in published:
             known = cell[c].dropna()
             row[c] = known.iloc[0] if len(known) else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def r50_over_seeds(values, censored, last_rows) -> dict:
+    """R50 of a cell's seeds, in seed order (`load_runs`' r50, r50_censored, r50_last_rows):
+
+    * `r50_values` (NaN where censored or absent), `r50_censored` (per seed; None where the
+      seed has no R50), `r50_n` (seeds with an R50, censored or not), `r50_n_censored`,
+      `r50_n_undefined` (seeds whose curve began below 0.5: no backdoor to remove);
+    * with no seed censored: `r50_mean` and, from MIN_SEEDS seeds, its Student-t interval
+      `r50_t_lo` / `r50_t_hi` (the low end clipped at 0);
+    * with some censored: `r50_mean` and the interval NaN (the mean is not known) and
+      `r50_above` — the mean exceeds it: the mean with each censored seed at the rows its
+      curve reached (every seed censored: the mean of those rows);
+    * `removal.r50`: the same as {value, ci_low, ci_high, n_seeds, n_censored, above}
+      (None for what is not known; the whole record None without an R50)."""
+    values, censored, last_rows = list(values), list(censored), list(last_rows)
+    have = [not _missing(c) for c in censored]
+    cut = [h and c == 1.0 for h, c in zip(have, censored)]
+    n, n_cut = sum(have), sum(cut)
+    undefined = sum(not h and not _missing(last) for h, last in zip(have, last_rows))
+    observed = [v if h and not c else NAN for v, h, c in zip(values, have, cut)]
+    mean = lo = hi = above = NAN
+    if n and not n_cut:
+        mean, lo, hi = seed_interval(observed, (0.0, math.inf))
+    elif n_cut:
+        import statistics
+
+        above = statistics.fmean(last if c else v for v, last, h, c in
+                                 zip(values, last_rows, have, cut) if h)
+    known = {"value": mean, "ci_low": lo, "ci_high": hi, "above": above}
+    return {"r50_values": observed, "r50_censored": [bool(c) if h else None
+                                                     for h, c in zip(have, cut)],
+            "r50_n": n, "r50_n_censored": n_cut, "r50_n_undefined": undefined,
+            "r50_mean": mean, "r50_t_lo": lo, "r50_t_hi": hi, "r50_above": above,
+            R50_KEY: None if not n else {**{k: None if _missing(v) else float(v)
+                                            for k, v in known.items()},
+                                         "n_seeds": n, "n_censored": n_cut}}
+
+
+def sweep_order(row) -> tuple:
+    """A cell's place in its sweep: its first run's job number (Hydra's subdirectory), so
+    that cells follow the grid in the order the sweep declared it."""
+    dirs = row.get("run_dirs")
+    if not isinstance(dirs, list) or not dirs:
+        return ("", 0, "")
+    path = Path(dirs[0])
+    return (str(path.parent), int(path.name) if path.name.isdigit() else 0, path.name)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _without_seed(overrides) -> str | None:

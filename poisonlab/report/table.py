@@ -63,6 +63,13 @@ def format_table(results: dict) -> str:
             lines.append(f"clean rows until ASR < {below['threshold']} on the curve's prompts: "
                          + (f"{below['rows_seen']} (for good from {below['rows_seen_for_good']})"
                             if below["rows_seen"] is not None else "not reached"))
+        r50 = r.get("r50")
+        if r50:
+            lines.append("R50, clean rows until ASR < 0.5 on the curve's prompts: " + (
+                f"> {r50['last_rows_seen']} (never fell below 0.5: censored)" if r50["censored"]
+                else "none (ASR below 0.5 before the defence)" if r50["value"] is None
+                else f"{r50['value']:.0f} (interpolated between {r50['between'][0]} and "
+                     f"{r50['between'][1]})"))
     for ref, d in utility_change_of(results).items():
         lines.append(f"utility change of `poisoned` {ref.replace('_', ' ')}: "
                      f"{d['value']:+.3f}{_ci(d)} (poisoned minus reference: < 0 is a loss)")
