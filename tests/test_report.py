@@ -153,9 +153,9 @@ def test_published_figures_beside_ours(tmp_path):
     assert (row.value, row.published, row.published_source) == (
         0.9, 0.95, "Author et al. 2024, Table 2")
     md = format_markdown(aggregate(df))
-    assert "| metric | ours | published |" in md
-    assert "| asr_poisoned | 0.900 | 0.950 (Author et al. 2024, Table 2) |" in md
-    assert "| persistence | 0.500 | 0.800 |" in md
+    assert "| metric | ours | published | verdict |" in md
+    assert "| asr_poisoned | 0.900 | 0.950 (Author et al. 2024, Table 2) | ours lower (1 seed) |" in md
+    assert "| persistence | 0.500 | 0.800 | ours lower (1 seed) |" in md
 
     # a direction in words, where the paper has no number for this setting
     words = {"asr_poisoned": {"value": "high at 250 poisons", "source": "Someone 2025"}}
@@ -166,6 +166,23 @@ def test_published_figures_beside_ours(tmp_path):
     make_run(tmp_path / "w2", published=words, n_poison=100)
     md = format_markdown(aggregate(load_runs([tmp_path / "w", tmp_path / "w2"])))
     assert "(published) |" not in md and md.count("high at 250 poisons") == 1
+
+    # the paper's claim as a bound on our figure: a verdict from our interval over seeds
+    claim = {"asr_poisoned": {"value": "high", "expect": ">= 0.8", "source": "S"}}
+    for seed, asr in enumerate((0.9, 0.91, 0.92)):
+        make_run(tmp_path / "e" / str(seed), seed=seed, published=claim, asr=asr)
+    md = format_markdown(aggregate(load_runs(tmp_path / "e")))
+    assert "| asr_poisoned | 0.910 [" in md and "| high (S) | reproduced |" in md
+    for seed, asr in enumerate((0.5, 0.52, 0.51)):
+        make_run(tmp_path / "f" / str(seed), seed=seed, published=claim, asr=asr)
+    assert "not reproduced" in format_markdown(aggregate(load_runs(tmp_path / "f")))
+    for seed, asr in enumerate((0.5, 0.99, 0.95)):
+        make_run(tmp_path / "g" / str(seed), seed=seed, published=claim, asr=asr)
+    assert "inconclusive" in format_markdown(aggregate(load_runs(tmp_path / "g")))
+    make_run(tmp_path / "h", published={"asr_poisoned": {"value": 1, "expect": "about 1"}})
+    with pytest.raises(PoisonlabError, match=r"h/manifest.json: config.published.asr_poisoned"
+                                             r".expect: expected a bound"):
+        load_runs(tmp_path / "h")
 
     make_run(tmp_path / "b", seed=1, published={"asr_poisoned": {"source": "no value"}})
     with pytest.raises(PoisonlabError, match=r"b/manifest.json: config.published.asr_poisoned"):

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -269,7 +270,24 @@ def _published(cfg: dict, source: Path) -> dict:
                                  f"{{value: <number or text>, source: <text>}}, got {spec!r}")
         row[f"published_{metric}"] = value if isinstance(value, str) else float(value)
         row[f"published_{metric}_source"] = spec.get("source") if isinstance(spec, dict) else None
+        expect = spec.get("expect") if isinstance(spec, dict) else None
+        if expect is not None:
+            parse_expect(expect, f"{source}: config.published.{metric}.expect")
+            row[f"published_{metric}_expect"] = str(expect).strip()
     return row
+
+
+EXPECT = re.compile(r"^\s*(>=|<=|>|<)\s*(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?)\s*$")
+
+
+def parse_expect(expect, where: str) -> tuple[str, float]:
+    """`published.<metric>.expect`: the paper's claim as a bound on our figure, `">= 0.9"`,
+    `"< 0.5"`: (operator, number)."""
+    match = EXPECT.match(str(expect))
+    if not match:
+        raise PoisonlabError(f"{where}: expected a bound such as '>= 0.9' or '< 0.5', "
+                             f"got {expect!r}")
+    return match.group(1), float(match.group(2))
 
 
 def parse_metric(column: str) -> tuple[str, str, str | None] | None:

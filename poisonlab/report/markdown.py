@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from poisonlab.report.collect import ATTACK_COLUMNS, DETECTION_METRICS, UTILITY_CHANGE
+from poisonlab.report.collect import ATTACK_COLUMNS, DETECTION_METRICS, UTILITY_CHANGE, \
+    parse_expect
 from poisonlab.report.labels import (DER_NOTE, UTILITY_CHANGE_NOTE, defense_label,
                                      detector_label, distinguishing, plain)
 from poisonlab.report.seeds import MIN_SEEDS, metric_bounds, seed_interval, sweep_order
@@ -212,7 +213,7 @@ def _detection(rows) -> list[str]:
 
 def _published(agg, rows) -> list[str]:
     published = [c[len("published_"):] for c in agg.columns
-                 if c.startswith("published_") and not c.endswith("_source")]
+                 if c.startswith("published_") and not c.endswith(("_source", "_expect"))]
     if not published:
         return []
     # a published figure that is the same for every cell is said once, below the table
@@ -231,12 +232,20 @@ def _published(agg, rows) -> list[str]:
     shown = any(m not in common for _, m in entries)
     if shown:
         header.append("published")
+    header.append("verdict")
     body = [[plain(r.get(c)) for c in ids] + [m, _seed_cell(r, m)]
             + ([_published_cell(r, m) if m not in common else "(below)"] if shown else [])
+            + [verdict(r, m)]
             for r, m in entries]
     lines = ["## Published figures beside ours", "", *_table(header, body), "",
              "published: the figure the preset quotes (`config.published`), with its source; "
-             "metric names as in runs.csv."]
+             "metric names as in runs.csv. verdict: against the preset's bound "
+             "(`published.<metric>.expect`, e.g. `>= 0.9`), *reproduced* when our whole "
+             "interval meets it, *not reproduced* when none of it does, *inconclusive* "
+             "otherwise; against a published number, *consistent* when our interval holds it, "
+             "else *ours higher* / *ours lower*; `-` where the paper states a direction in "
+             "words only (the experiment's page gives the verdict). Fewer than 3 seeds is "
+             "said."]
     lines += [f"Published {m} (`config.published`), every cell: {text}."
               for m, text in common.items()]
     return lines
@@ -416,6 +425,34 @@ def _seed_cell(row, m: str, signed: bool = False, digits: int = 3) -> str:
         return listed
     return listed + (f" (mean of {len(known)}: {mean:{f}})" if undefined
                      else f" (mean {mean:{f}})")
+
+
+def verdict(row, m: str) -> str:
+    """Our figure for metric `m` against the preset's bound or published number (see
+    `_published`)."""
+    if f"{m}_mean" not in row or _nan(row[f"{m}_mean"]):
+        return "-"
+    mean, lo, hi = row[f"{m}_mean"], row[f"{m}_t_lo"], row[f"{m}_t_hi"]
+    if _nan(lo):
+        lo = hi = mean
+    n = sum(not _nan(v) for v in row[f"{m}_values"])
+    few = f" ({n} seed{'s' if n > 1 else ''})" if n < 3 else ""
+    expect = row.get(f"published_{m}_expect")
+    if isinstance(expect, str):
+        op, bound = parse_expect(expect, f"published.{m}.expect")
+        meets = {">=": lambda x: x >= bound, ">": lambda x: x > bound,
+                 "<=": lambda x: x <= bound, "<": lambda x: x < bound}[op]
+        if meets(lo) and meets(hi):
+            return "reproduced" + few
+        if not meets(lo) and not meets(hi):
+            return "not reproduced" + few
+        return "inconclusive" + few
+    value = row.get(f"published_{m}")
+    if _nan(value) or isinstance(value, str):
+        return "-"
+    if lo <= value <= hi:
+        return "consistent" + few
+    return ("ours higher" if lo > value else "ours lower") + few
 
 
 def _published_cell(row, m: str) -> str:
