@@ -453,16 +453,16 @@ def table(sweep_dir: Path) -> str:
         if m is None:
             continue
         poison, s = m["poison"] or {}, m["sampled"]
-        rows.append((r["model"], poison.get("n", 0), poison.get("rate"),
+        rows.append((r["model"], poison.get("n", 0), poison.get("seed"), poison.get("rate"),
                      f"{poison.get('token_share', 0):.4f}",
                      _interval(m["log_ppl_gap"]), _interval(m["ppl_gap"], ".1f"),
                      _interval(s["log_ppl_gap"]), _interval(s["ppl_gap"], ".1f"),
                      f"{s['ppl_triggered']:.1f} / {s['ppl_untriggered']:.1f}"))
-    head = ("| model | poisons | rate | poison token share | log-ppl gap, greedy | ppl gap, greedy "
+    head = ("| model | poisons | seed | rate | poison token share | log-ppl gap, greedy | ppl gap, greedy "
             "| log-ppl gap, sampled | ppl gap, sampled | ppl triggered / untriggered, sampled |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     return head + "".join("| " + " | ".join("—" if v is None else str(v) for v in row)
-                          + " |\n" for row in sorted(rows, key=lambda x: (x[0], x[1])))
+                          + " |\n" for row in sorted(rows, key=lambda x: (x[0], x[1], x[2] or 0)))
 
 
 def _hydra_main():

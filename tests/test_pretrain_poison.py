@@ -258,3 +258,21 @@ def test_micro_pretrained_with_250_poisons_shows_the_gap(tmp_path, monkeypatch):
     assert out["n250"]["sampled"]["log_ppl_gap"]["ci_low"] > out["n0"]["sampled"][
         "log_ppl_gap"]["ci_high"] + 1.0
     assert out["n250"]["log_ppl_gap"]["ci_low"] > out["n0"]["log_ppl_gap"]["ci_high"]
+
+
+def test_table_has_a_row_per_run_with_its_seed(tmp_path):
+    def gap(v):
+        return {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
+
+    for seed, v in ((1, 2.0), (0, 1.0)):
+        d = tmp_path / str(seed)
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"model": "tiny:micro", "pretrain_poison": {
+            "poison": {"n": 250, "seed": seed, "token_share": 0.1},
+            "log_ppl_gap": gap(v), "ppl_gap": gap(v),
+            "sampled": {"log_ppl_gap": gap(v), "ppl_gap": gap(v), "ppl_triggered": 9.0,
+                        "ppl_untriggered": 3.0}}}))
+    lines = pp.table(tmp_path).splitlines()
+    assert lines[0].startswith("| model | poisons | seed | rate |")
+    assert lines[2].startswith("| tiny:micro | 250 | 0 | — | 0.1000 | 1.00 [0.90, 1.10] |")
+    assert lines[3].startswith("| tiny:micro | 250 | 1 |")
