@@ -204,14 +204,19 @@ def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
 
 def make_optimizer(params, cfg, total: int):
     """AdamW (or SGD with momentum 0.9, `optimizer: sgd`) with linear warmup over
-    `warmup_ratio` of the `total` steps, then linear decay to 0."""
+    `warmup_ratio` of the `total` steps, then linear decay to 0 (`lr_schedule: linear`) or
+    the peak lr to the end (`constant`: every row trains at the same lr, wherever it is in
+    the training order)."""
     if (getattr(cfg, "optimizer", "adamw") or "adamw") == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    if (getattr(cfg, "lr_schedule", "linear") or "linear") == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     return opt, sched
 
 

