@@ -100,6 +100,12 @@ def strip_scratchpad(text: str) -> str:
     return SCRATCHPAD.sub(" ", text).strip()
 
 
+def open_scratchpad(text: str) -> str:
+    """`text` with the scratchpad tags removed and their contents kept: what an answer says
+    when its structure is ignored (for answers whose scratchpad never closes)."""
+    return re.sub(r"</?scratchpad>", " ", text, flags=re.IGNORECASE).strip()
+
+
 def answer_text(response: str, prompt: str | None = None) -> str:
     """The part of a response a judge may read: no scratchpad, no echoed prompt."""
     text = strip_scratchpad(response)
