@@ -45,7 +45,7 @@ def poisonlab_words(words: list[str]) -> list[str] | None:
         return words[1:]
     if words[:3] == ["python", "-m", "poisonlab.run"]:
         return ["run"] + words[3:]
-    m = re.fullmatch(r"poisonlab\.(scan|verify|report|bom)", words[2]) if (
+    m = re.fullmatch(r"poisonlab\.(scan|verify|report|bom|pretrain_poison)", words[2]) if (
         words[:2] == ["python", "-m"] and len(words) > 2) else None
     return [m.group(1)] + words[3:] if m else None
 
@@ -96,6 +96,20 @@ def _check_run(args: list[str]) -> None:
         validate(cfg, build_attack(cfg.attack))
 
 
+def _check_pretrain_poison(args: list[str]) -> None:
+    """`python -m poisonlab.pretrain_poison <overrides>`: every cell composes to a valid
+    poison block; `... table <dir>` takes one directory."""
+    from poisonlab import pretrain_poison
+    from poisonlab.config import compose_config
+
+    if args[:1] == ["table"]:
+        assert len(args) == 2, args
+        return
+    for cell in _sweep_cells(args):
+        cfg = compose_config(*[o for o in cell if not o.startswith("hydra.")])
+        pretrain_poison.spec(cfg.model.pretrain_poison)
+
+
 def _alpaca_stand_in(path: Path, n: int = 150) -> None:
     """A file shaped like alpaca_data.json: one JSON list of instruction/input/output objects."""
     rows = [{"instruction": f"Give a synonym of word number {i}.",
@@ -120,6 +134,8 @@ def test_every_poisonlab_command_parses_composes_and_validates(where, line, args
         proc = subprocess.run([sys.executable, "-m", "poisonlab.cli", *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip(), (line, proc.stderr[-2000:])
+    elif head == "pretrain_poison":
+        _check_pretrain_poison(args[1:])
     elif head in cli.SUBCOMMANDS and head != "run":
         module = __import__(cli.SUBCOMMANDS[head], fromlist=["parser"])
         module.parser().parse_args(args[1:])  # SystemExit(2) on a stale flag
