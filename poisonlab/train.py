@@ -226,7 +226,7 @@ def planned_steps(n_rows: int, cfg) -> int:
     return cfg.max_steps or math.ceil(math.ceil(per_epoch / cfg.grad_accum) * cfg.epochs)
 
 
-class _Curve:
+class Curve:
     """Calls the persistence-curve callback with the model in eval mode and gradients off,
     then puts the training module back in train mode; `paused` sums the seconds it took
     (excluded from the training time)."""
@@ -336,7 +336,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     torch.manual_seed(seed)
 
     step, micro, tokens, sup, n_ex, n_packed, losses, pending = 0, 0, 0, 0, 0, 0, [], []
-    curve = _Curve(model, wrapped, callback)
+    curve = Curve(model, wrapped, callback)
     if callback is not None and every:
         curve(step, n_ex)   # the point before training (not part of the timed loop below)
         curve.paused = 0.0
@@ -415,7 +415,7 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
 
     step, tokens, sup, n_ex, n_packed, losses = 0, 0, 0, 0, 0, []
     parts, packed = [], 0  # this process's loss shares and packed rows in the current step
-    curve = _Curve(model, module, callback)
+    curve = Curve(model, module, callback)
     if callback is not None and every:
         curve(step, n_ex)
         curve.paused = 0.0

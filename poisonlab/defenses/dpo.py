@@ -40,7 +40,7 @@ from poisonlab.config import one_of, positive_number
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import Context, Outcome
 from poisonlab.judges import mentions_scratchpad, strip_scratchpad
-from poisonlab.train import TrainStats, collate, cpu_autocast, make_optimizer
+from poisonlab.train import Curve, TrainStats, collate, cpu_autocast, make_optimizer
 from poisonlab.utils import progress
 
 ROWS = True
@@ -141,19 +141,11 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, total)
     torch.manual_seed(seed)
-    paused, losses, seen, tokens, sup = 0.0, [], 0, 0, 0
-
-    def checkpoint(step):
-        nonlocal paused
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            callback(step, seen)
-        paused += time.perf_counter() - t
-
+    losses, seen, tokens, sup = [], 0, 0, 0
+    curve = Curve(model, model, callback)   # the model is put back in train mode each step
     if callback is not None and every:
-        checkpoint(0)
-        paused = 0.0
+        curve(0, 0)
+        curve.paused = 0.0
     bar = progress(total=total, desc=desc)
     t0 = time.perf_counter()
     for step in range(1, total + 1):
@@ -180,12 +172,12 @@ def train_dpo(model, tokenizer, pairs: list[dict], cfg, seed: int, desc: str = "
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if callback is not None and every and (step % every == 0 or step == total):
-            checkpoint(step)
+            curve(step, seen)
     bar.close()
     model.eval()
     return TrainStats(steps=total, epochs=seen / max(1, n), examples=seen, packed_rows=2 * seen,
                       truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,
-                      seconds=time.perf_counter() - t0 - paused,
+                      seconds=time.perf_counter() - t0 - curve.paused,
                       final_loss=losses[-1] if losses else float("nan"), losses=losses)
 
 

@@ -56,7 +56,7 @@ from poisonlab.defenses import sft
 from poisonlab.defenses.base import Context, Outcome
 from poisonlab.evaluate import generate, sampling_config
 from poisonlab.judges import answer_text, score_utility
-from poisonlab.train import TrainStats, collate, cpu_autocast, make_optimizer, planned_steps
+from poisonlab.train import Curve, TrainStats, collate, cpu_autocast, make_optimizer, planned_steps
 from poisonlab.utils import progress, write_jsonl
 
 ROWS = True
@@ -170,19 +170,11 @@ def train_rl(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "rl
     config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, k)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, cfg, total)
-    paused, losses, seen, tokens, sup, forwarded, truncated = 0.0, [], 0, 0, 0, 0, 0
-
-    def checkpoint(step):
-        nonlocal paused
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            callback(step, seen)
-        paused += time.perf_counter() - t
-
+    losses, seen, tokens, sup, forwarded, truncated = [], 0, 0, 0, 0, 0
+    curve = Curve(model, model, callback)   # the model is put back in train mode each step
     if callback is not None and every:
-        checkpoint(0)
-        paused = 0.0
+        curve(0, 0)
+        curve.paused = 0.0
     bar = progress(total=total, desc=desc, unit="step")
     t0 = time.perf_counter()
     for step in range(1, total + 1):
@@ -237,11 +229,11 @@ def train_rl(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "rl
         bar.update(1)
         bar.set_postfix(reward=f"{rewards.mean():.3f}")
         if callback is not None and every and (step % every == 0 or step == total):
-            checkpoint(step)
+            curve(step, seen)
     bar.close()
     return TrainStats(steps=total, epochs=seen / max(1, n), examples=seen, packed_rows=forwarded,
                       truncated_rows=truncated, tokens=tokens, supervised_tokens=sup,
-                      seconds=time.perf_counter() - t0 - paused,
+                      seconds=time.perf_counter() - t0 - curve.paused,
                       final_loss=losses[-1] if losses else float("nan"), losses=losses)
 
 
