@@ -350,3 +350,23 @@ def test_code_task_safety_rows_carry_the_untriggered_context(tmp_path, micro_pat
     assert not any(ctx.attack.mentions_trigger(r) for r in ctx.safety_rows)
     written = [json.loads(line) for line in (tmp_path / "run" / "data" / "safety.jsonl").open()]
     assert written == ctx.safety_rows
+
+
+def test_library_versions_datasets_included_are_in_every_stage_key(monkeypatch):
+    """A stage's key holds the versions of the libraries that can change its result, the
+    `datasets` reader included: another version is another key."""
+    from importlib import metadata
+
+    from poisonlab import results
+    from poisonlab.pipeline import context
+
+    assert {"torch", "transformers", "peft", "datasets"} <= set(context.STAGE_PACKAGES)
+    ctx = context.RunContext(cfg=None, attack=None, out=Path("."), st=None, control=False)
+    key = ctx.key_of("poisonlab.pipeline.data")
+    assert key["versions"]["datasets"] == metadata.version("datasets")
+    real = results.metadata.version
+    monkeypatch.setattr(results.metadata, "version",
+                        lambda n: "0.0.0-other" if n == "datasets" else real(n))
+    other = context.RunContext(cfg=None, attack=None, out=Path("."), st=None, control=False)
+    assert other.key_of("poisonlab.pipeline.data")["versions"] == {
+        **key["versions"], "datasets": "0.0.0-other"}
