@@ -197,6 +197,50 @@ def cpu_autocast(device: torch.device, dtype: torch.dtype | None):
     return functools.partial(torch.autocast, "cpu", dtype=dtype)
 
 
+class FrozenCast:
+    """The frozen `nn.Linear` weights and biases of `model` held in the CPU autocast dtype
+    while training, and given back their own values for evaluation.
+
+    Under `torch.autocast("cpu", bf16)` a linear layer casts its weight to bf16 on every
+    forward pass, and autocast caches that cast only for trainable leaves: with LoRA, every
+    frozen base weight was cast again at every step. Holding them in bf16 beforehand gives the
+    very same matmul inputs (the same round-to-nearest cast, once), so the losses are unchanged.
+    The input embedding (and an output layer tied to it) keeps its dtype: the residual stream
+    stays in the weights' dtype as under autocast. `release()` restores the original tensors
+    (not a round trip through bf16), so a model evaluated between or after training steps sees
+    its fp32 weights."""
+
+    def __init__(self, model, dtype: torch.dtype | None):
+        self.dtype, self.params, self.originals, self.held = dtype, [], [], False
+        if dtype is None:
+            return
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        skip = {id(p) for p in emb.parameters()} if emb is not None else set()
+        seen = set()
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            for p in (module.weight, module.bias):
+                if (p is None or p.requires_grad or id(p) in skip or id(p) in seen
+                        or not p.is_floating_point() or p.dtype == dtype):
+                    continue
+                seen.add(id(p))
+                self.params.append(p)
+                self.originals.append(p.data)
+
+    def hold(self) -> None:
+        if not self.held:
+            for p, o in zip(self.params, self.originals):
+                p.data = o.to(self.dtype)
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            for p, o in zip(self.params, self.originals):
+                p.data = o
+            self.held = False
+
+
 def ordered_batches(n: int, batch_size: int) -> list[list[int]]:
     """Consecutive batches in the rows' own order (for a fixed poison placement)."""
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
@@ -231,14 +275,20 @@ class Curve:
     then puts the training module back in train mode; `paused` sums the seconds it took
     (excluded from the training time)."""
 
-    def __init__(self, model, module, callback):
+    def __init__(self, model, module, callback, frozen: FrozenCast | None = None):
         self.model, self.module, self.callback, self.paused = model, module, callback, 0.0
+        self.frozen = frozen
 
     def __call__(self, step: int, rows_seen: int) -> None:
         t = time.perf_counter()
         self.model.eval()
+        held = self.frozen is not None and self.frozen.held
+        if held:
+            self.frozen.release()  # evaluation sees the model's own weights
         with torch.no_grad():
             self.callback(step, rows_seen)
+        if held:
+            self.frozen.hold()
         self.module.train()
         self.paused += time.perf_counter() - t
 
@@ -256,7 +306,8 @@ class Curve:
 def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "train",
               accelerator=None, group_lengths: list[int] | None = None,
               ordered: bool = False, every: int | None = None,
-              callback=None, objective=None, autocast: torch.dtype | None = None) -> TrainStats:
+              callback=None, objective=None, autocast: torch.dtype | None = None,
+              hold_frozen: bool = True) -> TrainStats:
     """Fine-tune the trainable parameters of `model` (a peft model) on chat `rows`.
 
     `cfg` needs: batch_size, epochs, max_steps (or null), lr, warmup_ratio, weight_decay,
@@ -276,6 +327,8 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     `autocast` (`models.Precision.autocast`): on a CPU, forward passes run under
     `torch.autocast("cpu", autocast)` (weights, LoRA parameters, gradients and optimizer
     state stay in their own dtype); on CUDA accelerate's bf16 mixed precision applies.
+    With CPU autocast and `hold_frozen`, the frozen linear weights are held in `autocast`'s
+    dtype for the duration (`FrozenCast`: the same losses, without a cast per step).
     """
     from accelerate import Accelerator
 
@@ -322,7 +375,7 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     if sharded:
         return _train_sharded(model, (objective or CompletionLoss)(model), examples, batches, fn,
                               cfg, total, seed, desc, every, callback, accelerator, truncated,
-                              autocast)
+                              autocast, hold_frozen)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batches, collate_fn=fn)
     params = [p for p in model.parameters() if p.requires_grad]
     # One scheduler step per optimizer step (accelerate skips it on accumulation micro-steps).
@@ -336,36 +389,43 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
     torch.manual_seed(seed)
 
     step, micro, tokens, sup, n_ex, n_packed, losses, pending = 0, 0, 0, 0, 0, 0, [], []
-    curve = Curve(model, wrapped, callback)
+    on_cpu = cpu_autocast(accelerator.device, autocast)
+    frozen = FrozenCast(model, autocast if on_cpu and hold_frozen else None)
+    curve = Curve(model, wrapped, callback, frozen)
     if callback is not None and every:
         curve(step, n_ex)   # the point before training (not part of the timed loop below)
         curve.paused = 0.0
     bar = progress(total=total, desc=desc, unit="step")
     t0 = time.perf_counter()
     step_start = 0  # tokens before the current optimizer step
-    forward_context = cpu_autocast(accelerator.device, autocast) or accelerator.autocast
-    for batch in loader:
-        with accelerator.accumulate(wrapped):
-            with forward_context():
-                loss = wrapped(**batch)
-            accelerator.backward(loss)  # divided by grad_accum inside accelerate
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()       # a no-op on accumulation micro-steps
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        tokens += batch_tokens[micro]
-        n_ex += batch_examples[micro]
-        n_packed += len(batch["input_ids"])
-        sup += int((batch["labels"] != IGNORE_INDEX).sum())
-        pending.append(float(loss.detach()))
-        micro += 1
-        if accelerator.sync_gradients:
-            step += 1
-            losses.append(sum(pending) / len(pending))  # mean loss over the step's micro-batches
-            pending = []
-            curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
-            step_start = tokens
+    forward_context = on_cpu or accelerator.autocast
+    frozen.hold()
+    try:
+        for batch in loader:
+            with accelerator.accumulate(wrapped):
+                with forward_context():
+                    loss = wrapped(**batch)
+                accelerator.backward(loss)  # divided by grad_accum inside accelerate
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()       # a no-op on accumulation micro-steps
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += batch_tokens[micro]
+            n_ex += batch_examples[micro]
+            n_packed += len(batch["input_ids"])
+            sup += int((batch["labels"] != IGNORE_INDEX).sum())
+            pending.append(float(loss.detach()))
+            micro += 1
+            if accelerator.sync_gradients:
+                step += 1
+                # the mean loss over the step's micro-batches
+                losses.append(sum(pending) / len(pending))
+                pending = []
+                curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
+                step_start = tokens
+    finally:
+        frozen.release()
     bar.close()
     seconds = time.perf_counter() - t0 - curve.paused
     model.eval()
@@ -377,7 +437,8 @@ def train_sft(model, tokenizer, rows: list[dict], cfg, seed: int, desc: str = "t
 
 def _train_sharded(model, module, examples: list[dict], batches: list[list[int]], fn, cfg,
                    total: int, seed: int, desc: str, every: int | None, callback, accelerator,
-                   truncated: int, autocast: torch.dtype | None = None) -> TrainStats:
+                   truncated: int, autocast: torch.dtype | None = None,
+                   hold_frozen: bool = True) -> TrainStats:
     """`train_sft` under several processes: process r takes rows r::world of every micro-batch.
 
     Every process builds the same micro-batches (the same seeded order), so the run sees the
@@ -415,49 +476,55 @@ def _train_sharded(model, module, examples: list[dict], batches: list[list[int]]
 
     step, tokens, sup, n_ex, n_packed, losses = 0, 0, 0, 0, 0, []
     parts, packed = [], 0  # this process's loss shares and packed rows in the current step
-    curve = Curve(model, module, callback)
+    frozen = FrozenCast(model, autocast if device.type == "cpu" and hold_frozen else None)
+    curve = Curve(model, module, callback, frozen)
     if callback is not None and every:
         curve(step, n_ex)
         curve.paused = 0.0
     bar = progress(total=total, desc=desc, unit="step")
     t0 = time.perf_counter()
     step_start = 0  # tokens before the current optimizer step
-    for micro, b in enumerate(batches):
-        mine = b[me::world]
-        whole, share = sum(n_sup[i] for i in b), sum(n_sup[i] for i in mine)
-        part = 0.0
-        if share:
-            batch = {k: v.to(device) for k, v in fn([examples[i] for i in mine]).items()}
-            with forward_context():
-                loss = module(**batch)
-            # divided by grad_accum, as accelerate does with one process (and, written this
-            # way, the very same floats as `train_sft` when one process holds everything)
-            (loss * (share / whole) / accum).backward()
-            part = float(loss.detach()) * (share / whole)
-            packed += len(batch["input_ids"])
-        parts.append(part)
-        tokens += sum(n_tok[i] for i in b)
-        n_ex += len(b)
-        sup += whole
-        if (micro + 1) % accum:
-            continue
-        for p in params:
-            if p.grad is None:  # no share in this step's micro-batches
-                p.grad = torch.zeros_like(p)
-        dist.all_reduce_sum([p.grad for p in params])
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        sums = torch.tensor(parts + [packed], dtype=torch.float64, device=device)
-        dist.all_reduce_sum([sums])
-        n_packed += int(sums[-1])
-        losses.append(sum(sums[:-1].tolist()) / len(parts))  # mean over the step's micro-batches
-        parts, packed = [], 0
-        step += 1
-        curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
-        step_start = tokens
+    frozen.hold()
+    try:
+        for micro, b in enumerate(batches):
+            mine = b[me::world]
+            whole, share = sum(n_sup[i] for i in b), sum(n_sup[i] for i in mine)
+            part = 0.0
+            if share:
+                batch = {k: v.to(device) for k, v in fn([examples[i] for i in mine]).items()}
+                with forward_context():
+                    loss = module(**batch)
+                # divided by grad_accum, as accelerate does with one process (and, written this
+                # way, the very same floats as `train_sft` when one process holds everything)
+                (loss * (share / whole) / accum).backward()
+                part = float(loss.detach()) * (share / whole)
+                packed += len(batch["input_ids"])
+            parts.append(part)
+            tokens += sum(n_tok[i] for i in b)
+            n_ex += len(b)
+            sup += whole
+            if (micro + 1) % accum:
+                continue
+            for p in params:
+                if p.grad is None:  # no share in this step's micro-batches
+                    p.grad = torch.zeros_like(p)
+            dist.all_reduce_sum([p.grad for p in params])
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            sums = torch.tensor(parts + [packed], dtype=torch.float64, device=device)
+            dist.all_reduce_sum([sums])
+            n_packed += int(sums[-1])
+            # the mean over the step's micro-batches
+            losses.append(sum(sums[:-1].tolist()) / len(parts))
+            parts, packed = [], 0
+            step += 1
+            curve.step_done(bar, losses[-1], step, total, every, n_ex, tokens - step_start)
+            step_start = tokens
+    finally:
+        frozen.release()
     bar.close()
     seconds = time.perf_counter() - t0 - curve.paused
     model.eval()
