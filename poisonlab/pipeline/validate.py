@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 
 from poisonlab import PoisonlabError, defenses, models, pretrain_poison
 from poisonlab.attacks import poison_count
 from poisonlab.config import one_of, positive_int, positive_number
 from poisonlab.data import tinyworld, validate_data_cfg
+from poisonlab.data.sources import ALPACA_SUFFIXES
 from poisonlab.defenses import detect
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import OPTIMIZERS
@@ -52,7 +55,9 @@ def validate(cfg: DictConfig, attack) -> None:
     validate_on_weights(cfg)
     detect.validate(cfg, attack)
     n_train = attack.n_train(cfg.data.n_train)
-    if n_train is not None:
+    if attack.family == "given":   # its poisons are counted once its rows are read
+        validate_given(cfg, attack)
+    elif n_train is not None:
         poison_count(n_train, attack.n_poison, attack.poison_rate)
     models.pick_dtype(cfg.model.dtype, models.pick_device(cfg.model.device))
     pretrain_poison.spec(cfg.model.get("pretrain_poison"), cfg.model.name_or_path)
@@ -68,6 +73,24 @@ def validate(cfg: DictConfig, attack) -> None:
                     and attack.clean_size is not None else f"{key}={n}")
             raise PoisonlabError(f"{what} exceeds the {have} rows of the tiny-world {pool!r} "
                                  f"pool for skills {list(cfg.data.skills)}")
+
+
+def validate_given(cfg: DictConfig, attack) -> None:
+    """`attack=given` reads local files: an external `data.source`, and `attack.poisoned_path`
+    an existing file in that source's format."""
+    if cfg.data.source not in ("alpaca", "chat_jsonl"):
+        raise PoisonlabError(f"attack=given: data.source={cfg.data.source} has no poisoned rows "
+                             "to give; use data=alpaca or data=chat_jsonl with data.path")
+    path = attack.poisoned_path
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise PoisonlabError(f"attack.poisoned_path: no such file: {path}")
+    if cfg.data.source == "alpaca" and not path.lower().endswith(ALPACA_SUFFIXES):
+        raise PoisonlabError(f"attack.poisoned_path: Alpaca data must be one of "
+                             f"{', '.join(ALPACA_SUFFIXES)} files, got {path}")
+    if cfg.data.source == "chat_jsonl" and not path.lower().endswith(".jsonl"):
+        raise PoisonlabError(f"attack.poisoned_path: chat data must be a .jsonl file, got {path}")
 
 
 def wants_control(cfg: DictConfig, attack) -> bool:
