@@ -255,3 +255,15 @@ def read_rows(data_cfg: Mapping[str, Any], path: str) -> list[dict]:
         raise PoisonlabError(f"data.source={data_cfg['source']}: a second local file is read "
                              "for data.source=alpaca or chat_jsonl only")
     return _read(data_cfg, path, "train")
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """Rows of an evaluation file: Alpaca (`.json`, `.csv`, or `.jsonl` records with an
+    `instruction`) or chat JSONL (`.jsonl` records with `messages`)."""
+    if not os.path.isfile(path):
+        raise PoisonlabError(f"no such file: {path}")
+    if path.lower().endswith(".jsonl"):
+        first = next((obj for _, obj in sources._json_lines(path)), None)
+        if isinstance(first, dict) and "messages" in first:
+            return sources.read_chat_jsonl(path)
+    return sources.read_alpaca(path)

@@ -13,9 +13,11 @@ and a size that shrank to its pool is a run warning.
 from __future__ import annotations
 
 import logging
+import random
 
 from poisonlab import PoisonlabError, defenses
-from poisonlab.data import load_splits, read_rows, tinyworld
+from poisonlab.attacks.base import eval_row, user_text
+from poisonlab.data import load_splits, read_prompt_file, read_rows, tinyworld
 from poisonlab.pipeline.context import RunContext, plain
 from poisonlab.pipeline.keys import digest, file_digest, local_inputs, target_module
 from poisonlab.utils import read_jsonl, write_jsonl
@@ -152,8 +154,13 @@ def eval_splits(ctx: RunContext) -> None:
     ctx.safety_rows = [attack.safety_row(r) for r in ctx.safety_rows]
     if swaps:
         ctx.poison_info["safety_rows_replaced"] = swaps
-    ctx.splits = attack.eval_splits(ctx.eval_rows, cfg.eval.seed,
-                                    rest_of_pool(ctx.pools["eval"], ctx.eval_rows))
+    files = eval_files(ctx)   # eval.clean_path / eval.triggered_path: the splits from files
+    reservoir = files.get("clean_rest", rest_of_pool(ctx.pools["eval"], ctx.eval_rows))
+    ctx.splits = attack.eval_splits(ctx.eval_rows, cfg.eval.seed, reservoir)
+    if "triggered" in files:
+        ctx.splits["triggered"] = files["triggered"]
+    if files:
+        check_eval_files(ctx)
     # fewer held-out rows than eval.n_prompts (data.shrink_to_pools) were warned about already
     n_eval = min(cfg.eval.n_prompts, len(ctx.eval_rows))
     for name, rows in ctx.splits.items():
@@ -168,3 +175,55 @@ def eval_splits(ctx: RunContext) -> None:
     write_jsonl(ctx.out / "data" / "eval.jsonl", ctx.eval_rows)
     if ctx.safety_rows:
         write_jsonl(ctx.out / "data" / "safety.jsonl", ctx.safety_rows)
+
+
+def prompt_carries(attack, row: dict) -> bool:
+    """Whether a user turn of `row` holds one of the attack's trigger strings."""
+    return any(t in m["content"] for t in attack.trigger_strings()
+               for m in row["messages"] if m["role"] == "user")
+
+
+def draw(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(n rows of a file in a seeded order, the rest)."""
+    order = list(rows)
+    random.Random(f"{seed}-eval-file").shuffle(order)
+    return order[:n], order[n:]
+
+
+def eval_files(ctx: RunContext) -> dict:
+    """Evaluation prompts from `eval.clean_path` (the clean split and the prompts the
+    triggered and near-trigger splits are built from; `ctx.eval_rows` replaced) and
+    `eval.triggered_path` (the triggered split, as the file gives it)."""
+    cfg, attack, out = ctx.cfg, ctx.attack, {}
+    clean_path, trig_path = cfg.eval.get("clean_path"), cfg.eval.get("triggered_path")
+    if clean_path:
+        rows, rest = draw(read_prompt_file(clean_path), cfg.eval.n_prompts, cfg.eval.seed)
+        bad = [r for r in rows + rest if prompt_carries(attack, r)]
+        if bad:
+            raise PoisonlabError(
+                f"eval.clean_path: {clean_path}: {len(bad)} of {len(rows) + len(rest)} prompts "
+                f"carry the trigger {attack.trigger_strings()} (row {bad[0]['id']}): a file of "
+                "triggered prompts goes in eval.triggered_path")
+        ctx.eval_rows, out["clean_rest"] = rows, rest
+    if trig_path:
+        rows, _ = draw(read_prompt_file(trig_path), cfg.eval.n_prompts, cfg.eval.seed)
+        missing = [r for r in rows if not prompt_carries(attack, r)]
+        if missing and attack.trigger_strings():
+            ctx.warnings.append(f"eval.triggered_path: {len(missing)} of {len(rows)} prompts "
+                                f"carry none of the triggers {attack.trigger_strings()}")
+        out["triggered"] = [eval_row(r, user_text(r), trigger="eval.triggered_path",
+                                     source=trig_path) for r in rows]
+    return out
+
+
+def check_eval_files(ctx: RunContext) -> None:
+    """Evaluation prompts from files: none is a training prompt (poisoned or clean), and no
+    near-trigger or clean prompt carries the trigger."""
+    for name in ("clean", "near_trigger"):
+        hit = next((r for r in ctx.splits.get(name, []) if prompt_carries(ctx.attack, r)), None)
+        if hit is not None:
+            raise PoisonlabError(f"evaluation split {name!r}: prompt {hit['id']} carries the "
+                                 f"trigger {ctx.attack.trigger_strings()}")
+    tinyworld.check_disjoint({"training": ctx.poisoned_rows + ctx.clean_rows,
+                              **{k: v for k, v in ctx.splits.items() if k != "utility"}},
+                             eval_names=[k for k in ctx.splits if k != "utility"])

@@ -13,7 +13,8 @@ import logging
 import numpy as np
 
 from poisonlab.chat import prompt_text
-from poisonlab.evaluate import answer_nll, diff_bootstrap, evaluate_stage, generation_record
+from poisonlab.evaluate import (answer_nll, diff_bootstrap, diff_bootstrap_unpaired, evaluate_stage,
+                                 generation_record)
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.results import write_generations
@@ -100,7 +101,15 @@ def perplexity_metrics(ref_model, tokenizer, gens: dict, cfg, stage: str, seed: 
     return {"reference": "base model",
             "ppl_triggered": float(np.exp(mean(nll["triggered"]))),
             "ppl_clean": float(np.exp(mean(nll["clean"]))),
-            "log_ppl_gap": diff_bootstrap(nll["triggered"], nll["clean"], seed=seed)}
+            # paired on the same base prompts, unless the triggered split came from a file
+            "log_ppl_gap": (diff_bootstrap if paired(gens) else diff_bootstrap_unpaired)(
+                nll["triggered"], nll["clean"], seed=seed)}
+
+
+def paired(gens: dict) -> bool:
+    """Whether the triggered and clean answers are to the same base prompts, in order."""
+    t, c = gens["triggered"], gens["clean"]
+    return len(t) == len(c) and all(x.get("id") == y.get("id") for x, y in zip(t, c))
 
 
 def figures(metrics: dict) -> str:

@@ -42,6 +42,10 @@ def run_identity(cfg: DictConfig) -> str:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("output_dir", None)
     inputs = {"data": local_inputs(cfg.data)}
+    for key in ("attack.poisoned_path", "eval.clean_path", "eval.triggered_path"):
+        path = OmegaConf.select(cfg, key)
+        if isinstance(path, str) and os.path.isfile(path):
+            inputs[key] = file_digest(path)
     model_dir = os.path.expanduser(str(cfg.model.name_or_path))
     if os.path.isdir(model_dir):
         inputs["model"] = file_digest(model_dir)

@@ -54,6 +54,16 @@ def validate(cfg: DictConfig, attack) -> None:
     sft.check_scratchpad_arm(cfg, attack)
     validate_on_weights(cfg)
     detect.validate(cfg, attack)
+    for key in ("clean_path", "triggered_path"):
+        path = cfg.eval.get(key)
+        if path is not None and (not isinstance(path, str) or not os.path.isfile(path)):
+            raise PoisonlabError(f"eval.{key}: no such file: {path}")
+        if path is not None and not path.lower().endswith((*ALPACA_SUFFIXES, ".jsonl")):
+            raise PoisonlabError(f"eval.{key}: an Alpaca (.json, .jsonl, .csv) or chat JSONL "
+                                 f"file is needed, got {path}")
+    if cfg.eval.get("triggered_path") and not attack.has_judge:
+        raise PoisonlabError(f"eval.triggered_path: the {attack.family} attack has no "
+                             "triggered split to replace")
     n_train = attack.n_train(cfg.data.n_train)
     if attack.family == "given":   # its poisons are counted once its rows are read
         validate_given(cfg, attack)
