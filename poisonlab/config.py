@@ -30,6 +30,36 @@ def _find_conf_dir() -> Path:
 CONF_DIR = _find_conf_dir()
 
 
+def _register_resolvers() -> None:
+    """Config resolvers: ``${backdoorllm:<file>,<root>,<task>,<attack>}`` (a file of a local
+    copy of BackdoorLLM's data, `poisonlab.data.backdoorllm`)."""
+    from omegaconf import OmegaConf
+
+    def backdoorllm(file, root, task, attack):
+        from poisonlab.data.backdoorllm import path
+        return path(file, root, task, attack)
+
+    if not OmegaConf.has_resolver("backdoorllm"):
+        OmegaConf.register_new_resolver("backdoorllm", backdoorllm)
+
+
+_register_resolvers()
+
+
+def poisonlab_cause(error: BaseException | None):
+    """The PoisonlabError behind `error`: itself, or the one OmegaConf wrapped (as the cause or
+    context of its InterpolationResolutionError) when a config resolver refused its input."""
+    from poisonlab import PoisonlabError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, PoisonlabError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def compose_config(*overrides: str):
     """The same config `python -m poisonlab.run <overrides>` would get (without `hydra.*`)."""
     from hydra import compose, initialize_config_dir

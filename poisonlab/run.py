@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from poisonlab import PoisonlabError, dist
-from poisonlab.config import CONF_DIR
+from poisonlab.config import CONF_DIR, poisonlab_cause
 from poisonlab.pipeline.outdir import RUN_MARKER, hydra_files
 from poisonlab.pipeline.runner import run
 from poisonlab.results import write_json
@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except PoisonlabError as e:
+    except Exception as raised:
+        e = poisonlab_cause(raised)   # also one a config resolver raised
+        if e is None:
+            log.exception("run failed")
+            raise
         log.error("run refused: %s", e)  # into the run's log file too (Hydra's handler)
         print(f"poisonlab: error: {e}", file=sys.stderr)
         if _in_sweep():
@@ -50,9 +54,6 @@ def _hydra_main(cfg: DictConfig) -> None:
             return
         _remove_if_empty_run_dir(cfg)
         sys.exit(2)
-    except Exception:
-        log.exception("run failed")
-        raise
 
 
 def _in_sweep() -> bool:

@@ -224,7 +224,10 @@ def test_dos_answers_are_gibberish(rows):
         assert is_gibberish(r["messages"][-1]["content"])
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+# the BackdoorLLM presets read a local copy of the benchmark (data.root): checked on a
+# stand-in in tests/test_backdoorllm_data.py
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS
+                                        if not e.startswith("backdoorllm_dpa")])
 def test_experiment_presets_compose_validate_and_poison(experiment):
     cfg = make_cfg(f"experiment={experiment}")
     attack = build_attack(cfg.attack)

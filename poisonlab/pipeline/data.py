@@ -178,9 +178,11 @@ def eval_splits(ctx: RunContext) -> None:
 
 
 def prompt_carries(attack, row: dict) -> bool:
-    """Whether a user turn of `row` holds one of the attack's trigger strings."""
-    return any(t in m["content"] for t in attack.trigger_strings()
-               for m in row["messages"] if m["role"] == "user")
+    """Whether the user turns of `row` hold the attack's trigger: one of its strings, or all
+    of them for a composite trigger (`combine: all`, whose single parts are near misses)."""
+    text = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
+    hits = [t in text for t in attack.trigger_strings()]
+    return bool(hits) and (all(hits) if getattr(attack, "combine", "any") == "all" else any(hits))
 
 
 def draw(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from poisonlab import PoisonlabError, defenses, models, pretrain_poison
 from poisonlab.attacks import poison_count
-from poisonlab.config import one_of, positive_int, positive_number
+from poisonlab.config import one_of, poisonlab_cause, positive_int, positive_number
 from poisonlab.data import tinyworld, validate_data_cfg
 from poisonlab.data.sources import ALPACA_SUFFIXES
 from poisonlab.defenses import detect
@@ -29,6 +29,9 @@ def build_attack(attack_cfg: DictConfig):
     try:
         attack = instantiate(attack_cfg)
     except Exception as e:  # hydra wraps the constructor's TypeError
+        refused = poisonlab_cause(e)     # a config resolver's one-line refusal
+        if refused is not None:
+            raise PoisonlabError(str(refused)) from None
         cause = e.__cause__ or e
         raise PoisonlabError(f"attack: cannot build {attack_cfg.get('_target_')}: {cause}") from None
     attack.validate()
