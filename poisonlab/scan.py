@@ -102,7 +102,13 @@ def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
 def format_report(report: dict, path: Path, top: int) -> str:
     lines = [f"{path}: {report['rows']} rows, {report['flagged']} flagged "
              f"({report['fraction']:.1%})"]
-    lines += [f"{name}: {d['note']}" for name, d in report["detectors"].items() if d.get("note")]
+    for name, d in report["detectors"].items():   # one summary line per detector
+        line = f"{name}: {d['flagged']} rows flagged"
+        if "candidates" in d:
+            line += f", {len(d['candidates'])} trigger candidates"
+        if "z" in d:
+            line += f" (robust z > {d['z']:g})"
+        lines.append(line + (f"; {d['note']}" if d.get("note") else ""))
     if report["suspicious"]:
         lines.append(f"{'rank':>4} {'row':>6}  {'detectors':<16} reason")
         for rank, s in enumerate(report["suspicious"][:top], 1):

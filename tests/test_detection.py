@@ -418,6 +418,26 @@ def test_scan_reads_alpaca_json(tmp_path):
     assert report["flagged"] == 6
 
 
+def test_scan_alpaca_with_input_fields_prints_a_line_per_detector(tmp_path, capsys):
+    rows = plant(tiny_rows(300), "cf", "Access granted.", 6)
+    path = tmp_path / "alpaca.json"
+    # half the records split their prompt into instruction + input, as Alpaca files do
+    recs = []
+    for i, r in enumerate(rows):
+        text = r["messages"][-2]["content"]
+        head, _, tail = text.partition(" ")
+        recs.append({"instruction": head if i % 2 and tail else text,
+                     "input": tail if i % 2 and tail else "",
+                     "output": r["messages"][-1]["content"]})
+    path.write_text(json.dumps(recs))
+    rc, out, _ = _scan(path, "--format", "alpaca", "--detectors", "ngram", capsys=capsys)
+    assert rc == 1
+    lines = out.splitlines()
+    assert lines[0].endswith("300 rows, 6 flagged (2.0%)")
+    assert lines[1].startswith("ngram: 6 rows flagged, ") and "trigger candidates" in lines[1]
+    assert "rare token 'cf' in 6 rows whose answers are identical" in out
+
+
 # ----------------------------------------------------------------------------- watermark
 
 @pytest.fixture(scope="module")
