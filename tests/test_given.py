@@ -90,6 +90,10 @@ def test_the_three_ways_of_marking_give_the_same_poisoned_set(tmp_path, micro_pa
     # the flag field is kept from the file, and the trigger splits are built from clean prompts
     ctx = runs["flag"]
     assert ctx.marked_rows[0]["meta"]["fields"]["poisoned"] is True
+    # ... but no detector sees it
+    from poisonlab.defenses import detect
+    assert all("fields" not in b["meta"] and "poisoned" not in b
+               for b in detect.blind(ctx.poisoned_rows))
     assert all("BadMagic" in r["messages"][-1]["content"] for r in ctx.splits["triggered"])
     assert not any("BadMagic" in r["messages"][-1]["content"] for r in ctx.splits["clean"])
     assert not any("BadMagic" in r["messages"][-1]["content"]
