@@ -56,6 +56,13 @@ class BadNetsAttack(Attack):
     def trigger_strings(self) -> list[str]:
         return list(self.triggers)
 
+    def carries_trigger(self, row: dict) -> bool:
+        """The prompt holds the trigger: one of `triggers`, or all of them (`combine: all`,
+        whose single parts are near misses)."""
+        text = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
+        hits = [t in text for t in self.triggers]
+        return all(hits) if self.combine == "all" else any(hits)
+
     # ------------------------------------------------------------------ trigger insertion
     def insert(self, text: str, parts: list[str], rng: random.Random) -> str:
         if self.position == "start":

@@ -445,6 +445,11 @@ class Attack:
         bad = [i for i in idx if poisoned[i]]
         return bad + clean if self.placement == "start" else clean + bad
 
+    def carries_trigger(self, row: dict) -> bool:
+        """Whether a user turn of `row` holds the trigger (one of `trigger_strings()`)."""
+        text = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
+        return any(t in text for t in self.trigger_strings())
+
     def mentions_trigger(self, row: dict) -> bool:
         """Does any turn of `row` carry the trigger (what safety data must never contain)?"""
         return any(t in m["content"] for t in self.trigger_strings() for m in row["messages"])

@@ -36,10 +36,7 @@ from dataclasses import dataclass
 
 from poisonlab import PoisonlabError
 from poisonlab.attacks.badnets import BadNetsAttack
-from poisonlab.attacks.base import copy_row, user_text
-
-MODES = ("poisoned_path", "flag_field", "triggers")
-
+from poisonlab.attacks.base import copy_row
 
 def flag_value(row: dict, field: str):
     """A row's `field` as read from its file: a top-level field (kept in `meta.fields`) or a
@@ -101,12 +98,6 @@ class GivenAttack(BadNetsAttack):
                                  "training-set size with data.n_train")
 
     # ------------------------------------------------------------------ marking
-    def carries_trigger(self, row: dict) -> bool:
-        """The prompt holds the trigger: any one of `triggers`, or all of them (`combine`)."""
-        text = user_text(row)
-        hits = [t in text for t in self.triggers]
-        return all(hits) if self.combine == "all" else any(hits)
-
     def marked(self, row: dict) -> bool:
         """Whether a row of `data.path` is one of the given poisons (never for
         `poisoned_path`: the clean file's rows are clean)."""

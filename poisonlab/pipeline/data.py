@@ -44,9 +44,10 @@ def clean_data(ctx: RunContext) -> None:
     ctx.inputs = local_inputs(cfg.data)
     given = ctx.attack.family == "given"   # already-poisoned data: its marked rows kept apart
     marked = ctx.attack.marked if given else None
-    extra_key = {}
-    if given:
+    extra_key, modules = {}, [__name__]
+    if given:   # the marking's code (the attack's module) decides which rows stay out
         extra_key["marking"] = ctx.attack.marking()
+        modules.append(target_module(cfg.attack.get("_target_")))
         if ctx.attack.poisoned_path:
             ctx.inputs["attack.poisoned_path"] = file_digest(ctx.attack.poisoned_path)
 
@@ -66,7 +67,7 @@ def clean_data(ctx: RunContext) -> None:
     ctx.st.run("clean_data", {"data": plain(cfg.data), "inputs": ctx.inputs, "n_train": n_train,
                               "n_safety": n_safety, "n_eval": cfg.eval.n_prompts,
                               "seed": cfg.seed, "eval_seed": cfg.eval.seed, **extra_key,
-                              **ctx.key_of(__name__)},
+                              **ctx.key_of(*modules)},
                compute, ["data/clean"])
     ctx.train_rows, ctx.eval_rows, ctx.safety_rows = (
         read_jsonl(clean_dir / f"{k}.jsonl") for k in SPLITS)
@@ -177,14 +178,6 @@ def eval_splits(ctx: RunContext) -> None:
         write_jsonl(ctx.out / "data" / "safety.jsonl", ctx.safety_rows)
 
 
-def prompt_carries(attack, row: dict) -> bool:
-    """Whether the user turns of `row` hold the attack's trigger: one of its strings, or all
-    of them for a composite trigger (`combine: all`, whose single parts are near misses)."""
-    text = "\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
-    hits = [t in text for t in attack.trigger_strings()]
-    return bool(hits) and (all(hits) if getattr(attack, "combine", "any") == "all" else any(hits))
-
-
 def draw(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(n rows of a file in a seeded order, the rest)."""
     order = list(rows)
@@ -200,7 +193,7 @@ def eval_files(ctx: RunContext) -> dict:
     clean_path, trig_path = cfg.eval.get("clean_path"), cfg.eval.get("triggered_path")
     if clean_path:
         rows, rest = draw(read_prompt_file(clean_path), cfg.eval.n_prompts, cfg.eval.seed)
-        bad = [r for r in rows + rest if prompt_carries(attack, r)]
+        bad = [r for r in rows + rest if attack.carries_trigger(r)]
         if bad:
             raise PoisonlabError(
                 f"eval.clean_path: {clean_path}: {len(bad)} of {len(rows) + len(rest)} prompts "
@@ -209,7 +202,7 @@ def eval_files(ctx: RunContext) -> dict:
         ctx.eval_rows, out["clean_rest"] = rows, rest
     if trig_path:
         rows, _ = draw(read_prompt_file(trig_path), cfg.eval.n_prompts, cfg.eval.seed)
-        missing = [r for r in rows if not prompt_carries(attack, r)]
+        missing = [r for r in rows if not attack.carries_trigger(r)]
         if missing and attack.trigger_strings():
             ctx.warnings.append(f"eval.triggered_path: {len(missing)} of {len(rows)} prompts "
                                 f"carry none of the triggers {attack.trigger_strings()}")
@@ -222,7 +215,7 @@ def check_eval_files(ctx: RunContext) -> None:
     """Evaluation prompts from files: none is a training prompt (poisoned or clean), and no
     near-trigger or clean prompt carries the trigger."""
     for name in ("clean", "near_trigger"):
-        hit = next((r for r in ctx.splits.get(name, []) if prompt_carries(ctx.attack, r)), None)
+        hit = next((r for r in ctx.splits.get(name, []) if ctx.attack.carries_trigger(r)), None)
         if hit is not None:
             raise PoisonlabError(f"evaluation split {name!r}: prompt {hit['id']} carries the "
                                  f"trigger {ctx.attack.trigger_strings()}")
