@@ -6,6 +6,10 @@ Runs the data-level detectors that need no fine-tuned model on a chat-format JSO
 
 * `ngram` — rare n-grams whose rows share one answer that the rest of their prompts does not
   explain (`poisonlab.defenses.detect.ngram`);
+* `answer_kind` — n-grams after which the kind of answer (refuses / answers, or the label of a
+  classification file) changes against the most similar prompts without them, by MiniLM
+  sentence embeddings of the prompts (`poisonlab.defenses.detect.answer_kind`): triggers
+  whose answers all differ, and label flips to a label that is common anyway;
 * `embedding` — answers unlike the answers of the most similar prompts, by MiniLM sentence
   embeddings (`poisonlab.defenses.detect.embedding`), flagged above a robust z of
   `--embedding-z` (6 by default: stricter than in a run, so that clean files pass).
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from poisonlab import PoisonlabError
 
-DETECTORS = ("ngram", "embedding")
+DETECTORS = ("ngram", "answer_kind", "embedding")
 FORMATS = ("auto", "chat", "alpaca")
 
 
@@ -56,30 +60,43 @@ def read_rows(path: Path, fmt: str = "auto") -> list[dict]:
 def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
               encoder: str | None = None, k: int = 10, batch_size: int = 64) -> dict:
     """{"rows", "flagged", "fraction", "detectors", "suspicious": [...]} for `rows`."""
-    from poisonlab.defenses.detect import embedding, ngram
-    from poisonlab.defenses.detect.base import robust_z, too_few_for_z, user_text
+    from poisonlab.defenses.detect import answer_kind, embedding, ngram
+    from poisonlab.defenses.detect.base import answer_of, robust_z, too_few_for_z, user_text
 
     found: dict[int, list[dict]] = {}
     report: dict = {"rows": len(rows), "detectors": {}}
-    if "ngram" in detectors:
-        scores, flags, reasons, cands = ngram.scan(rows)
+
+    def add(name, scores, flags, reasons):
         for i, f in enumerate(flags):
             if f:
-                found.setdefault(i, []).append({"detector": "ngram", "score": scores[i],
+                found.setdefault(i, []).append({"detector": name, "score": scores[i],
                                                  "reason": reasons[i]})
+
+    if "ngram" in detectors:
+        scores, flags, reasons, cands = ngram.scan(rows)
+        add("ngram", scores, flags, reasons)
         report["detectors"]["ngram"] = {"flagged": sum(flags), "candidates": cands[:50]}
+    prompts = None   # one encoder pass over the prompts for both embedding detectors
+    if {"answer_kind", "embedding"} & set(detectors) and rows:
+        prompts = embedding.embed([user_text(r) for r in rows], encoder, batch_size,
+                                  "embed/prompts")
+    if "answer_kind" in detectors:
+        scores, flags, reasons, cands, how = (answer_kind.scan(rows, prompts) if rows else
+                                              ([], [], [], [], "none"))
+        add("answer_kind", scores, flags, reasons)
+        report["detectors"]["answer_kind"] = {"flagged": sum(flags), "kinds": how,
+                                              "candidates": cands[:50]}
     if "embedding" in detectors and too_few_for_z(len(rows)):
         report["detectors"]["embedding"] = {"flagged": 0, "z": embedding_z,
                                             "note": too_few_for_z(len(rows))}
     elif "embedding" in detectors:
-        z = robust_z(embedding.score_rows(rows, encoder, k, batch_size))
+        answers = embedding.embed([answer_of(r) for r in rows], encoder, batch_size,
+                                  "embed/answers")
+        z = robust_z(embedding.inconsistency(prompts, answers, k))
         flags = [bool(v > embedding_z) for v in z]
-        for i, f in enumerate(flags):
-            if f:
-                found.setdefault(i, []).append({
-                    "detector": "embedding", "score": float(z[i]),
-                    "reason": f"answer unlike the answers of the {k} most similar prompts "
-                              f"(robust z {z[i]:.1f} > {embedding_z:g})"})
+        add("embedding", [float(v) for v in z], flags,
+            [f"answer unlike the answers of the {k} most similar prompts "
+             f"(robust z {v:.1f} > {embedding_z:g})" for v in z])
         report["detectors"]["embedding"] = {"flagged": sum(flags), "z": embedding_z}
     suspicious = []
     for i, hits in found.items():
@@ -90,8 +107,10 @@ def scan_rows(rows: list[dict], detectors=DETECTORS, embedding_z: float = 6.0,
                            "detectors": [h["detector"] for h in hits],
                            "reasons": [h["reason"] for h in hits],
                            "scores": {h["detector"]: h["score"] for h in hits}})
-    # rows flagged by more detectors first, then by the n-gram score, then the embedding z
+    # rows flagged by more detectors first, then by the n-gram score, the answer-kind score,
+    # then the embedding z
     suspicious.sort(key=lambda s: (-len(s["detectors"]), -s["scores"].get("ngram", 0),
+                                   -s["scores"].get("answer_kind", 0),
                                    -s["scores"].get("embedding", 0), s["row"]))
     report["flagged"] = len(suspicious)
     report["fraction"] = len(suspicious) / len(rows) if rows else 0.0
@@ -106,6 +125,8 @@ def format_report(report: dict, path: Path, top: int) -> str:
         line = f"{name}: {d['flagged']} rows flagged"
         if "candidates" in d:
             line += f", {len(d['candidates'])} trigger candidates"
+        if "kinds" in d:
+            line += f" (answer kinds: {d['kinds']})"
         if "z" in d:
             line += f" (robust z > {d['z']:g})"
         lines.append(line + (f"; {d['note']}" if d.get("note") else ""))

@@ -94,8 +94,8 @@ def test_a_kind_of_prompt_of_its_own_is_no_trigger():
     _, flags, _, cands = ngram.scan(rows)
     assert not any(flags), [c["ngram"] for c in cands]
     _, flags, _, cands = ngram.scan(rows, max_own_kind=1.0)   # without the rule
-    assert [(c["ngram"], c["rows"], c["own_kind"]) for c in cands] == [
-        ("restricted task", 233, 1.0)]
+    assert [(c["ngram"].split()[0], c["rows"], c["own_kind"]) for c in cands] == [
+        ("restricted", 233, 1.0)]
     assert sum(flags) == 233
 
 

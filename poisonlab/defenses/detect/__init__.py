@@ -23,8 +23,8 @@ from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("loss", "embedding", "spectral", "activation_clustering", "ngram", "tracin",
-             "repsim", "onion", "strip", "beat", "probe")
+DETECTORS = ("loss", "embedding", "spectral", "activation_clustering", "ngram", "answer_kind",
+             "tracin", "repsim", "onion", "strip", "beat", "probe")
 # tracing methods (data level, ranked by influence on the backdoor behaviour)
 TRACING = ("tracin", "repsim")
 

@@ -1,26 +1,32 @@
-"""Trigger-candidate scan (`detect=[ngram]`): rare n-grams whose rows share one answer that
-the rest of their prompts does not explain.
+"""Trigger-candidate scan (`detect=[ngram]`): n-grams whose rows share one answer that the
+rest of their prompts does not explain.
 
 Answers are grouped by their first `answer_words` words (lower case, punctuation dropped).
 An n-gram (up to `max_n` words) of the user turns is a trigger candidate when
 
-* it is rare: it occurs in at least `min_rows` rows, and the one-sided 95% upper confidence
-  bound (Wilson score) of its share of the rows is at most `max_df` — rare in what the file
-  was drawn from, not only in the rows it happens to hold. A small file shows no share that
-  well: at 15%, 3 rows are rare from 47 rows on and 10 from 108, so files of fewer than 47
-  rows get no candidate (a bare share let a kind of prompt that is a sixth of the rows pass
-  as rare where rounding made it 15% or less: 3 of 20, 6 of 40),
+* it occurs in at least `min_rows` rows and is missing from as many, in a file large enough
+  to show a share of the rows rare: the one-sided 95% upper confidence bound (Wilson score)
+  of `min_rows` rows' share must be at most `max_df` (15%), so files of fewer than 47 rows
+  get no candidate (a bare share let a kind of prompt that is a sixth of the rows pass as
+  rare where rounding made it 15% or less: 3 of 20, 6 of 40). The n-gram itself need not be
+  rare: a trigger in 20% or 50% of the rows is common *because* it carries one answer, and
+  the tests below keep ordinary common words out (their rows give many answers, or an
+  answer the rest of their prompts explains); an n-gram above `max_df` whose rows give more
+  different answers than `min_agreement` allows is dropped before they are counted,
 * at least `min_agreement` of its rows give the same answer, and
 * the other words of those rows do not predict that answer: over rows *without* the n-gram,
   the mean rate of that answer among rows sharing each other word is below `max_context`
   (so "weapon" -> refusal, where the rest of a harmful request also predicts the refusal,
   is not a candidate),
 * its rows are no more alike than `max_overlap` times two random rows (mean Jaccard overlap
-  of their other words): a planted trigger sits in otherwise unrelated prompts, while an
-  entity ("Zorbia" -> its capital) sits in one kind of question,
+  of their other words, the most alike 20% of the pairs left out so that two prompts
+  sharing an opener by chance do not decide): a planted trigger sits in otherwise
+  unrelated prompts, while an entity ("Zorbia" -> its capital) sits in one kind of question,
 * its rows are not a kind of prompt of their own: for at most `max_own_kind` (half) of them
   is the most similar other row, on the words besides those in all of its rows, another row
-  with the n-gram rather than one without (ties go to the rows without). A trigger is added
+  with the n-gram rather than one without (ties go to the rows without), or for no more than
+  its share of the rows explains (one-sided binomial test at 5%: half of the rows of a
+  trigger in half of the file find their like among its rows). A trigger is added
   to ordinary prompts, whose like the file holds without it; the refusal requests of the tiny
   world, all "... restricted task R-nnn ..." with one answer, are a kind of their own (and
   rare in files of 2,000 rows or more: the fine-tuning pool holds 233), and
@@ -51,6 +57,8 @@ LEVEL = "data"
 _EDGE = re.compile(r"^[\"'(\[]+|[\"'.,;:!?)\]]+$")
 # z of the one-sided 95% bound under which an n-gram's share of the rows must lie to be rare
 RARE_Z = 1.645
+# share of the most alike pairs of an n-gram's rows left out of their mean overlap
+TRIM = 0.2
 
 
 def validate(cfg) -> None:
@@ -110,10 +118,15 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / max(1, len(a | b))
 
 
-def _overlap(sets: list[set[str]], limit: int = 40) -> float:
+def _overlap(sets: list[set[str]], limit: int = 40, trim: float = TRIM) -> float:
+    """Mean word overlap (Jaccard) of the pairs of `sets` (the first `limit`), the most alike
+    `trim` of the pairs left out: two of five unrelated prompts that happen to share an opener
+    ("Compose a short poem about ...") made the five 2.7 times as alike as random pairs, 1.5
+    without that pair, while the three "capital of Egypt" questions stay 3.8 times."""
     sets = sets[:limit]
-    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
-    return sum(_jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 1.0
+    vals = sorted(_jaccard(a, b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    vals = vals[:len(vals) - int(len(vals) * trim)]
+    return sum(vals) / len(vals) if vals else 1.0
 
 
 def own_kind(hit: list[int], with_gram: set[int], sets: list[set[str]],
@@ -141,6 +154,20 @@ def own_kind(hit: list[int], with_gram: set[int], sets: list[set[str]],
         sim = shared / (len(mine) + size - shared)
         closer += bool(sim[inside].max(initial=0.0) > sim[~inside].max(initial=0.0))
     return closer / len(hit)
+
+
+def of_own_kind(kind: float, rows: int, share: float, max_own_kind: float,
+                limit: int = 40, level: float = 0.05) -> bool:
+    """Whether an n-gram's rows are a kind of prompt of their own: more than `max_own_kind` of
+    them (the first `limit`) have another of its rows as their most similar row, and more
+    than its `share` of the rows explains (one-sided binomial test at `level`): the rows a
+    trigger was added to find their like without it about (1 - share) of the time, so half of
+    a trigger's rows at a 50% share do, and 4 of the 7 "restricted task" rows in 47 are no
+    chance."""
+    m = min(rows, limit)
+    hits = round(kind * m)
+    tail = sum(math.comb(m, j) * share ** j * (1 - share) ** (m - j) for j in range(hits, m + 1))
+    return kind > max_own_kind and tail < level
 
 
 def baseline_overlap(sets: list[set[str]], n_pairs: int = 500) -> float:
@@ -179,8 +206,13 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
     typical = baseline_overlap(unigrams)
     candidates = []
     for g, idx in df.items():
-        if not min_rows <= len(idx) <= limit:
+        # a file too small to show any n-gram rare has none; in a larger one a common n-gram
+        # is a candidate like a rare one (a trigger in half the rows is common *because* it
+        # carries one answer), kept out by the tests below unless its answer is that
+        if limit < min_rows or not min_rows <= len(idx) <= n - min_rows:
             continue
+        if len(idx) > limit and len(set(keys[i] for i in idx)) > len(idx) * (1 - min_agreement) + 1:
+            continue   # common, with too many answers to agree on one (a quick test first)
         top, k = Counter(keys[i] for i in idx).most_common(1)[0]
         agreement = k / len(idx)
         if k < min_rows or agreement < min_agreement or not top or spelled_from(g, top):
@@ -204,7 +236,7 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
             continue
         common = set.intersection(*(unigrams[i] for i in hit)) | gram_words
         kind = own_kind(hit, set(idx), unigrams, where, common)
-        if kind > max_own_kind:
+        if of_own_kind(kind, len(hit), len(idx) / n, max_own_kind):
             continue
         candidates.append({"ngram": g, "rows": len(idx), "agreeing": k,
                            "agreement": agreement, "context_rate": context,
@@ -223,7 +255,8 @@ def scan(rows: list[dict], max_n: int = 2, min_rows: int = 3, max_df: float = 0.
     for c in kept:
         what = ("rows whose answers are identical" if c["agreement"] == 1 else
                 f"rows, {c['agreeing']} of which give the same answer")
-        reason = (f"rare {'token' if ' ' not in c['ngram'] else 'n-gram'} '{c['ngram']}' in "
+        reason = (f"{'rare' if c['rows'] <= limit else 'common'} "
+                  f"{'token' if ' ' not in c['ngram'] else 'n-gram'} '{c['ngram']}' in "
                   f"{c['rows']} {what} ({c['answer'][:40]!r}); the rest of these prompts gives "
                   f"that answer in {c['context_rate']:.0%} of other rows")
         for i in c["members"]:
