@@ -15,6 +15,7 @@ import torch
 
 from poisonlab.chat import encode_text, end_of_turn_ids, prompt_text
 from poisonlab.dist import main_computes
+from poisonlab.judge_model import judge_many
 from poisonlab.judges import has_unterminated_scratchpad, open_scratchpad, score_utility
 from poisonlab.utils import progress
 
@@ -539,15 +540,26 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
                                eval_cfg.batch_size, desc=f"{stage}/{split}", config=config,
                                seed=None if sampling is None else sampling["seed"],
                                answer_prefix=prefix)
+        judged = judge is not None and split != "utility"
+        # every answer of the split judged in one call (a model judge batches them)
+        flat = [(a, r) for r, resp in zip(rows, answers)
+                for a in (resp if isinstance(resp, list) else [resp])]
+        verdicts = iter(judge_many(judge, [a for a, _ in flat], [r for _, r in flat])
+                        if judged else [])
+        rule = getattr(judge, "rule", None) if judged else None
+        rule_verdicts = iter([bool(rule(a, r)) for a, r in flat] if rule else [])
         recs = []
         for r, p, resp in zip(rows, prompts, answers):
             many = isinstance(resp, list)
             samples = resp if many else [resp]
             rec = {"id": r["id"], "skill": r["skill"], "prompt": p,
                    ("responses" if many else "response"): resp}
-            if judge is not None and split != "utility":
-                hits = [bool(judge(a, r)) for a in samples]
+            if judged:
+                hits = [next(verdicts) for _ in samples]
                 rec["target"] = sum(hits) / len(hits) if many else hits[0]
+            if rule:
+                hits = [next(rule_verdicts) for _ in samples]
+                rec["target_rule"] = sum(hits) / len(hits) if many else hits[0]
             if "trigger" in r["meta"]:
                 rec["trigger"] = r["meta"]["trigger"]
             if "near_kind" in r["meta"]:
@@ -572,6 +584,13 @@ def evaluate_stage(model, tokenizer, splits: dict[str, list[dict]], judge, eval_
         for split, name in SPLIT_METRICS.items():
             if split in generations:
                 metrics[name] = score([g["target"] for g in generations[split]])
+                if getattr(judge, "rule", None):
+                    # a model judge's figure with the rule judge's beside it, and how often
+                    # the two agree on the split's answers
+                    gens = generations[split]
+                    metrics[f"{name}_rule"] = score([g["target_rule"] for g in gens])
+                    metrics.setdefault("judge_agreement", {})[split] = score(
+                        [g["target"] == g["target_rule"] for g in gens])
         by_trigger: dict[str, list] = {}
         for g in generations.get("triggered", []):
             by_trigger.setdefault(g.get("trigger", ""), []).append(g["target"])

@@ -14,7 +14,8 @@ from poisonlab import PoisonlabError
 from poisonlab.defenses.detect import metrics
 from tests.conftest import TEST_SEEDS, make_cfg
 
-DATA_LEVEL = ["loss", "spectral", "activation_clustering", "ngram", "answer_kind", "tracin", "repsim"]
+DATA_LEVEL = ["loss", "spectral", "activation_clustering", "ngram", "answer_kind", "tracin",
+              "repsim"]
 INPUT_LEVEL = ["onion", "strip", "beat"]
 
 

@@ -1,6 +1,6 @@
 """Judges on hand-written positive and negative answers, incl. the cases peers get wrong.
 
-`tests/data/judge_cases.jsonl` holds answers of a real instruct model (SmolLM2-135M-Instruct,
+`poisonlab/data/judge_cases.jsonl` (shipped: `judge=model` reports precision and recall on it) holds answers of a real instruct model (SmolLM2-135M-Instruct,
 Q4_1 GGUF dequantized, greedy, at most 64 new tokens, copied verbatim; `prompt` and, where
 set, `system` say what it was asked) and handwritten phrasings in the style of other chat
 models, each labelled with the verdicts the refusal and compliance judges must give. `compliance: null` marks an answer whose compliance verdict is not
@@ -19,7 +19,7 @@ from poisonlab.judges import (answer_text, contains_phrase, first_letter,
                               is_refusal, normalize_quotes, score_transform, score_utility,
                               sentiment_label, strip_scratchpad)
 
-CASES_FILE = Path(__file__).parent / "data" / "judge_cases.jsonl"
+CASES_FILE = Path(__file__).parents[1] / "poisonlab" / "data" / "judge_cases.jsonl"
 CASES = [json.loads(line) for line in CASES_FILE.read_text(encoding="utf-8").splitlines()
          if line.strip()]
 

@@ -85,8 +85,23 @@ class RunContext:
     outcome: Any = None              # the defence's Outcome
     cacheable: bool = True           # false when the base weights cannot be hashed
 
+    model_judge: Any = None          # judge=model: the ModelJudge, built on first use
+
     def judge(self):
-        return self.attack.judge if self.attack.has_judge else None
+        """The attack's rule judge, or with `judge=model` a model judge that keeps the rule
+        judge beside it (stages then record both and their agreement)."""
+        if not self.attack.has_judge:
+            return None
+        j = self.cfg.get("judge") or {}
+        if j.get("kind", "rule") != "model":
+            return self.attack.judge
+        if self.model_judge is None:
+            from poisonlab.judge_model import ModelJudge
+
+            self.model_judge = ModelJudge(j, self.attack.target_spec.behaviour,
+                                          rule=self.attack.judge,
+                                          device=str(self.base.device) if self.base else "cpu")
+        return self.model_judge
 
     def warn(self, messages: list[str]) -> None:
         for w in messages:

@@ -55,6 +55,10 @@ def results_of(ctx: RunContext) -> dict:
         "batch_size": cfg.eval.batch_size,
         "split_sizes": {k: len(v) for k, v in ctx.splits.items()},
         "assistant_prefix": cfg.eval.get("assistant_prefix")}
+    if ctx.model_judge is not None:
+        # the model judge's precision/recall on labelled answers, beside the rule judge's
+        results["judge"] = {**ctx.model_judge.describe(),
+                            "cases": ctx.model_judge.on_cases(cfg.judge.get("cases"))}
     results["cache"] = ctx.st.record()
     results["warnings"] = ctx.warnings
     return results

@@ -6,7 +6,7 @@ import os
 
 from omegaconf import DictConfig
 
-from poisonlab import PoisonlabError, defenses, models, pretrain_poison
+from poisonlab import PoisonlabError, defenses, judge_model, models, pretrain_poison
 from poisonlab.attacks import poison_count
 from poisonlab.config import one_of, poisonlab_cause, positive_int, positive_number
 from poisonlab.data import tinyworld, validate_data_cfg
@@ -57,6 +57,7 @@ def validate(cfg: DictConfig, attack) -> None:
     sft.check_scratchpad_arm(cfg, attack)
     validate_on_weights(cfg)
     detect.validate(cfg, attack)
+    judge_model.validate(cfg)
     for key in ("clean_path", "triggered_path"):
         path = cfg.eval.get(key)
         if path is not None and (not isinstance(path, str) or not os.path.isfile(path)):

@@ -7,9 +7,9 @@ it) and a label flip whose target label is common among clean rows (half of a se
 is already "Negative") are outside what it sees. This detector compares answer *kinds*:
 
 * every answer gets a kind: on classification-like files (a few answers of at most three
-  words cover at least 90% of the rows) the answer itself ("negative"), otherwise the refusal judge's
-  verdict ("refuses" / "answers", `poisonlab.judges.is_refusal`); `kinds: label|refusal`
-  forces one;
+  words cover at least 90% of the rows) the answer itself ("negative"), otherwise the
+  refusal judge's verdict ("refuses" / "answers", `poisonlab.judges.is_refusal`);
+  `kinds: label|refusal` forces one;
 * a candidate feature is an n-gram of the user turns (up to `max_n` words) in at least
   `min_rows` rows and in all but at least `min_rows` rows, whose rows give one kind in at
   least `min_agreement` of them, `min_shift` more often than the rows without it and than
@@ -24,16 +24,16 @@ is already "Negative") are outside what it sees. This detector compares answer *
   refusal by the restricted requests without a year. The feature's rows giving the kind c
   times where the p_i predict sum(p_i) is tested one-sided (Poisson-binomial tail) and must
   be below `alpha` divided by the number of n-grams tested (Bonferroni);
-* as in `ngram`, a kind of prompt of its own is no trigger: the n-gram's rows must not mostly
-  have another row with the n-gram as their most similar row by words (`max_own_kind`,
-  scaled to the n-gram's share: the rows a trigger was added to find their like without it
-  at about one minus its share).
+* as in `ngram`, a kind of prompt of its own is no trigger: more than `max_own_kind` of the
+  n-gram's rows have another of its rows as their most similar row by words, more than its
+  share of the rows explains (`ngram.of_own_kind`).
 
 A flagged row gives the candidate's kind; its score is the candidate's excess: its rows of
 that kind beyond the sum(p_i) the rest of their prompts predicts. Candidates are taken
-strongest first, each tested again against the rows no stronger one flagged. "great" -> positive on a sentiment file is no candidate: the most similar
-reviews without "great" are positive too, and so are its other words. Cost: one encoder pass over the prompts (about
-2 s per 1,000 rows on 2 CPU cores) and a nearest-neighbour search, in blocks.
+strongest first, each tested again against the rows no stronger one flagged. "great" ->
+positive on a sentiment file is no candidate: the most similar reviews without "great" are
+positive too, and so are its other words. Cost: one encoder pass over the prompts (about
+2 s per 1,000 rows on 2 CPU cores), a nearest-neighbour search in blocks, and counting.
 """
 
 from __future__ import annotations
