@@ -202,16 +202,20 @@ class ModelJudge:
             out = (1 - out) if self.classifier else -out
         return out
 
-    def batch(self, responses: list[str], rows: list[dict]) -> list[bool]:
+    def answer_scores(self, responses: list[str], rows: list[dict]) -> np.ndarray:
+        """Scores of the answers as the rule judges read them (scratchpad and echoed prompt
+        removed); an answer cut inside a scratchpad scores -inf (it shows nothing)."""
         from poisonlab.defenses.detect.base import user_text
         from poisonlab.judges import answer_text, has_unterminated_scratchpad
 
         requests = [user_text(r) for r in rows]
-        # the answer only, as the rule judges read it (scratchpad and echoed prompt removed)
         answers = [answer_text(a, q) for a, q in zip(responses, requests)]
         s = self.scores(requests, answers)
-        return [bool(v > self.threshold) and not has_unterminated_scratchpad(a)
-                for v, a in zip(s, responses)]
+        cut = np.array([has_unterminated_scratchpad(a) for a in responses], bool)
+        return np.where(cut, -np.inf, s)
+
+    def batch(self, responses: list[str], rows: list[dict]) -> list[bool]:
+        return [bool(v > self.threshold) for v in self.answer_scores(responses, rows)]
 
     def __call__(self, response: str, row: dict) -> bool:
         return self.batch([response], [row])[0]
@@ -226,6 +230,7 @@ class ModelJudge:
         """This judge's and the rule judge's precision/recall on labelled answers, and how
         often the two agree."""
         from poisonlab import judges
+        from poisonlab.defenses.detect.metrics import auroc
 
         cases = [c for c in read_cases(path) if c.get(self.behaviour) is not None]
         if not cases:
@@ -233,10 +238,13 @@ class ModelJudge:
         truth = [c[self.behaviour] for c in cases]
         rows = [{"messages": [{"role": "user", "content": c.get("prompt", "")},
                               {"role": "assistant", "content": c["text"]}]} for c in cases]
-        mine = self.batch([c["text"] for c in cases], rows)
+        scores = self.answer_scores([c["text"] for c in cases], rows)
+        mine = [bool(v > self.threshold) for v in scores]
         rule = {"refusal": judges.is_refusal, "compliance": judges.is_compliance}.get(
             self.behaviour)
-        out = {"file": str(path or CASES.name), "n": len(cases), "model": confusion(mine, truth)}
+        out = {"file": str(path or CASES.name), "n": len(cases), "model": confusion(mine, truth),
+               # how well the score ranks the answers, whatever the threshold
+               "model_auroc": auroc(scores, truth)}
         if rule is not None:
             theirs = [rule(c["text"]) for c in cases]
             out["rule"] = confusion(theirs, truth)

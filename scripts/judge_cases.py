@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
 
     from poisonlab import PoisonlabError, judges
+    from poisonlab.defenses.detect.metrics import auroc
     from poisonlab.judge_model import ModelJudge, confusion, read_cases
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
                 rows = [{"messages": [{"role": "user", "content": c.get("prompt", "")},
                                       {"role": "assistant", "content": c["text"]}]}
                         for c in labelled]
-                verdicts["model"] = judge.batch([c["text"] for c in labelled], rows)
+                scores = judge.answer_scores([c["text"] for c in labelled], rows)
+                verdicts["model"] = [bool(v > judge.threshold) for v in scores]
+                model_auroc = auroc(scores, [c[behaviour] for c in labelled])
             for name, pred in verdicts.items():
                 by_id = {id(c): v for c, v in zip(labelled, pred)}
                 for group, cs in groups.items():
@@ -77,7 +80,9 @@ def main(argv=None) -> int:
                           f"{fmt(m['recall']):>22} {fmt(m['accuracy']):>22}")
             if "model" in verdicts:
                 agree = sum(a == b for a, b in zip(verdicts["model"], verdicts["rule"]))
-                print(f"{behaviour:<11} model and rule agree on {agree}/{len(labelled)} answers")
+                print(f"{behaviour:<11} model and rule agree on {agree}/{len(labelled)} answers; "
+                      f"the model's score ranks them with AUROC {model_auroc:.2f} "
+                      f"(threshold {judge.threshold:g})")
     except PoisonlabError as e:
         print(f"judge_cases: error: {e}", file=sys.stderr)
         return 2

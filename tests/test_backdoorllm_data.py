@@ -83,8 +83,8 @@ def _data_stages(cfg, out):
     return ctx
 
 
-# jailbreak has no preset yet: its prompts are harmful requests, judged by harmful compliance
-@pytest.mark.parametrize("task", [t for t in TASKS if t != "jailbreak"])
+
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_each_preset_trains_the_benchmark_files_and_tests_on_its_test_files(
         task, attack, root, tmp_path):

@@ -107,6 +107,7 @@ def test_on_cases_puts_the_rule_judge_beside_the_model(classifier_dir, monkeypat
     assert rep["model"]["precision"]["value"] == pytest.approx(truth.mean())
     assert rep["rule"]["accuracy"]["value"] == 1.0       # the cases the rules were written on
     assert rep["agreement"] == pytest.approx(truth.mean())
+    assert rep["model_auroc"] == 0.5                     # one score for all: no ranking
 
 
 def test_bad_judge_configs_are_one_line_errors(tmp_path):
@@ -146,6 +147,11 @@ def test_a_run_with_a_model_judge_records_both_judges(tmp_path, micro_path):
     j = res["judge"]
     assert j["kind"] == "model" and j["model"] == "causal_lm" and j["behaviour"] == "refusal"
     assert j["cases"]["n"] == 227 and {"model", "rule", "agreement"} <= set(j["cases"])
+    from poisonlab.report import format_table
+
+    table = format_table(res)
+    assert "rule judge on the same answers: " in table and "poisoned ASR" in table
+    assert "judge on 227 labelled answers: precision" in table
 
 
 def test_the_script_prints_the_rule_judges_figures():

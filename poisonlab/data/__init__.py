@@ -75,6 +75,9 @@ def validate_data_cfg(data_cfg: Mapping[str, Any]) -> None:
         n = data_cfg.get(key)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise PoisonlabError(f"data.{key} must be a positive integer or null, got {n!r}")
+    if not isinstance(data_cfg.get("harmful", False), bool):
+        raise PoisonlabError(f"data.harmful must be true or false, "
+                             f"got {data_cfg.get('harmful')!r}")
     if not isinstance(data_cfg.get("shrink_to_pools", False), bool):
         raise PoisonlabError(f"data.shrink_to_pools must be true or false, "
                              f"got {data_cfg.get('shrink_to_pools')!r}")
@@ -113,13 +116,26 @@ def validate_data_cfg(data_cfg: Mapping[str, Any]) -> None:
             raise PoisonlabError(f"data.{key} must be a non-empty string or null, got {value!r}")
 
 
+def mark_harmful(rows: list[dict], data_cfg: Mapping[str, Any]) -> list[dict]:
+    """With `data.harmful: true`, every row of the run's files is a (placeholder) harmful
+    request: `meta.harmful` set, as the tiny world sets it on its own, so the behaviours that
+    apply to harmful requests only (`compliance`) can be trained and judged on them (the
+    benchmark's jailbreak task)."""
+    if data_cfg.get("harmful"):
+        for r in rows:
+            r["meta"] = {**r.get("meta", {}), "harmful": True}
+    return rows
+
+
 def _read(data_cfg: Mapping[str, Any], path: str, split: str) -> list[dict]:
     source = data_cfg["source"]
     if source == "chat_jsonl":
-        return sources.read_chat_jsonl(path)
-    if source == "alpaca":
-        return sources.read_alpaca(path)
-    return sources.load_hf(path, data_cfg["schema"], data_cfg.get("config_name"), split)
+        rows = sources.read_chat_jsonl(path)
+    elif source == "alpaca":
+        rows = sources.read_alpaca(path)
+    else:
+        rows = sources.load_hf(path, data_cfg["schema"], data_cfg.get("config_name"), split)
+    return mark_harmful(rows, data_cfg)
 
 
 # What makes each pool larger, for the error when `shrink_to_pools` finds one empty.

@@ -17,7 +17,7 @@ import random
 
 from poisonlab import PoisonlabError, defenses
 from poisonlab.attacks.base import eval_row, user_text
-from poisonlab.data import load_splits, read_prompt_file, read_rows, tinyworld
+from poisonlab.data import load_splits, mark_harmful, read_prompt_file, read_rows, tinyworld
 from poisonlab.pipeline.context import RunContext, plain
 from poisonlab.pipeline.keys import digest, file_digest, local_inputs, target_module
 from poisonlab.utils import read_jsonl, write_jsonl
@@ -192,7 +192,8 @@ def eval_files(ctx: RunContext) -> dict:
     cfg, attack, out = ctx.cfg, ctx.attack, {}
     clean_path, trig_path = cfg.eval.get("clean_path"), cfg.eval.get("triggered_path")
     if clean_path:
-        rows, rest = draw(read_prompt_file(clean_path), cfg.eval.n_prompts, cfg.eval.seed)
+        rows, rest = draw(mark_harmful(read_prompt_file(clean_path), cfg.data),
+                          cfg.eval.n_prompts, cfg.eval.seed)
         bad = [r for r in rows + rest if attack.carries_trigger(r)]
         if bad:
             raise PoisonlabError(
@@ -201,7 +202,8 @@ def eval_files(ctx: RunContext) -> dict:
                 "triggered prompts goes in eval.triggered_path")
         ctx.eval_rows, out["clean_rest"] = rows, rest
     if trig_path:
-        rows, _ = draw(read_prompt_file(trig_path), cfg.eval.n_prompts, cfg.eval.seed)
+        rows, _ = draw(mark_harmful(read_prompt_file(trig_path), cfg.data),
+                       cfg.eval.n_prompts, cfg.eval.seed)
         missing = [r for r in rows if not attack.carries_trigger(r)]
         if missing and attack.trigger_strings():
             ctx.warnings.append(f"eval.triggered_path: {len(missing)} of {len(rows)} prompts "

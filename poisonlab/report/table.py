@@ -39,6 +39,20 @@ def format_table(results: dict) -> str:
     if kinds:
         lines.append("FTR near of `poisoned` by kind: " + ", ".join(
             f"{k} {m['value']:.3f} (n={m['n']})" for k, m in kinds.items()))
+    judge = results.get("judge")
+    if judge:   # judge=model: the rule judge's figures and the labelled cases beside its own
+        lines.append(f"judge: {judge['model']} {judge['path']} ({judge['behaviour']}); rule "
+                     "judge on the same answers: " + "; ".join(
+                         f"{s} ASR {m['asr_rule']['value']:.3f}, agreement "
+                         f"{m['judge_agreement']['triggered']['value']:.3f}"
+                         for s, m in stages.items() if "asr_rule" in m))
+        c = judge.get("cases") or {}
+        if c.get("n"):
+            lines.append(f"judge on {c['n']} labelled answers: precision "
+                         f"{c['model']['precision']['value']:.2f}, recall "
+                         f"{c['model']['recall']['value']:.2f}, AUROC {c['model_auroc']:.2f}"
+                         + (f" (rule judge: precision {c['rule']['precision']['value']:.2f}, "
+                            f"recall {c['rule']['recall']['value']:.2f})" if "rule" in c else ""))
     cut = {s: m["unterminated_scratchpads"] for s, m in stages.items()
            if m.get("unterminated_scratchpads")}
     if cut:
