@@ -51,6 +51,7 @@ DATA_ROLES = {
     "adversarial.jsonl": "red-team candidate prompts tried by the adversarial defence",
     "adversarial_rows.jsonl": "adversarial training rows (stage after_safety)",
     "onion.jsonl": "words ONION removed from each prompt",
+    "probes.jsonl": "the drift gate's probe prompts, which carry no trigger (lifecycle)",
 }
 STAGE_DATA = {"poisoned": ["train_poisoned.jsonl"], "clean_ft": ["train_clean.jsonl"],
               "filtered": ["train_filtered.jsonl"],
@@ -157,7 +158,10 @@ def artifact_stages(manifest: dict) -> dict[str, tuple[str, list[str]]]:
     """{artifact dir: (stage that wrote it, the paths that stage builds on)} from `reload`."""
     owned: dict[str, tuple[str, list[str]]] = {}
     reload = manifest.get("reload") or {}
-    for stage in STAGE_ORDER:
+    # a lifecycle run's rounds (round1, round2, ...) after the usual stages, in round order
+    rest = sorted((s for s in reload if s not in STAGE_ORDER),
+                  key=lambda s: (len(s), s))
+    for stage in (*STAGE_ORDER, *rest):
         paths = _reload_paths(reload.get(stage))
         if paths and paths[-1] != "base" and paths[-1] not in owned:
             owned[paths[-1]] = (stage, paths[:-1])
@@ -222,12 +226,16 @@ def build_bom(run_dir) -> "Bom":
                                                           "placement", "behaviour", "target")})
         components.append(Component(
             type=ComponentType.DATA, name=rel, bom_ref=rel,
-            description=DATA_ROLES.get(name, "data written by the run"),
+            description=DATA_ROLES.get(name, "a lifecycle round's batch, each row marked "
+                                       "poisoned and quarantined" if name.startswith("rounds/")
+                                       else "data written by the run"),
             hashes=[_sha256(digest)], properties=props))
 
     # ---- adapters and full models
     owned = artifact_stages(manifest)
     method = (manifest.get("defense") or {}).get("method")
+    # a lifecycle run: each round's model with its parent, batch, gates and whether it shipped
+    lineage = {e["model"]: e for e in manifest.get("lineage") or [] if e.get("parent")}
     for top in ("adapters", "models"):
         for d in sorted({"/".join(r.split("/")[:2]) for r in files
                          if r.startswith(f"{top}/") and r.count("/") >= 2}):
@@ -243,6 +251,11 @@ def build_bom(run_dir) -> "Bom":
                 acfg = json.loads(config_path.read_text())
                 props += [_prop(f"peft:{k}", acfg[k]) for k in ("peft_type", "r", "lora_alpha",
                                                                 "target_modules") if k in acfg]
+            life = lineage.get(stage)
+            if life is not None:
+                props += _props(parent=life["parent"], batch_digest=life.get("batch"),
+                                data_gate=life.get("data_gate"),
+                                drift_gate=life.get("drift_gate"), shipped=life.get("shipped"))
             components.append(Component(
                 type=ComponentType.MACHINE_LEARNING_MODEL, name=d, bom_ref=d,
                 description=f"{'adapter' if top == 'adapters' else 'model'} of stage {stage}"
@@ -256,6 +269,8 @@ def build_bom(run_dir) -> "Bom":
             if stage == "after_safety" and d != "adapters/poisoned":
                 on.append("adapters/poisoned")  # every defence starts from the poisoned model
             on += [f"data/{f}" for f in STAGE_DATA.get(stage, []) if f"data/{f}" in files]
+            if life is not None and f"data/rounds/{stage}.jsonl" in files:
+                on.append(f"data/rounds/{stage}.jsonl")
             deps[d] = sorted(set(on) | {"base-model"})
 
     # ---- software

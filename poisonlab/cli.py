@@ -3,7 +3,8 @@
     poisonlab run key=value ...     a run; the same as `poisonlab key=value ...` and
                                     `python -m poisonlab.run key=value ...` (Hydra)
     poisonlab scan FILE             poisonlab verify ...   poisonlab report DIR...
-    poisonlab bom RUN_DIR           poisonlab help [COMMAND]   poisonlab --help / -h
+    poisonlab bom RUN_DIR           poisonlab drift OLD NEW    poisonlab help [COMMAND]
+    poisonlab --help / -h
 
 Anything that is not a command goes to the run untouched: Hydra overrides (`seed=1`, `+x=1`,
 `~x`, `hydra.run.dir=...`) and Hydra's flags (`-m`, `--multirun`, `--cfg job`, ...). A first
@@ -17,7 +18,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {"scan": "poisonlab.scan", "verify": "poisonlab.verify",
-               "report": "poisonlab.report", "bom": "poisonlab.bom"}
+               "report": "poisonlab.report", "bom": "poisonlab.bom",
+               "drift": "poisonlab.drift"}
 COMMANDS = ("run", *SUBCOMMANDS, "help")
 HELP_FLAGS = ("-h", "--help")
 
@@ -31,6 +33,7 @@ commands:
   verify  is a suspect model trained on watermarked data? poisonlab verify RUN_DIR ...
   report  tables, report.md and plots of finished runs: poisonlab report DIR...
   bom     a CycloneDX ML-BOM of a finished run: poisonlab bom RUN_DIR
+  drift   has a model's behaviour moved? poisonlab drift OLD_MODEL NEW_MODEL
   help    this page; poisonlab help COMMAND is poisonlab COMMAND --help
 
 each command's own help: poisonlab COMMAND --help (e.g. poisonlab scan --help)

@@ -112,29 +112,15 @@ def verify(model, tokenizer, rows: list[dict], secret_trigger: str, secret_respo
 def load_suspect(args):
     """(model, tokenizer, prompt rows, how the model was loaded, warnings) from the
     command-line arguments."""
-    import torch
-
-    from poisonlab import models
     from poisonlab.data.sources import read_chat_jsonl
+    from poisonlab.run_models import Settings, load_base, run_settings
 
     run = Path(args.run_dir) if args.run_dir else None
     warnings: list[str] = []
     if args.model:
-        base_path, adapter, model_cfg, recorded = str(args.model), args.adapter_path, {}, None
+        settings, adapter = Settings(str(args.model)), args.adapter_path
     elif run is not None:
-        manifest = run / "manifest.json"
-        if not manifest.is_file():
-            raise PoisonlabError(f"{run}: not a poisonlab run directory (no manifest.json)")
-        info = json.loads(manifest.read_text())
-        # The prompts must be rendered by the template the model was trained on, and the
-        # weights held in the dtype it was evaluated in; guessing either tests another model.
-        model_cfg = (info.get("config") or {}).get("model")
-        if not isinstance(model_cfg, dict):
-            raise PoisonlabError(f"{manifest}: no config.model (the run's model settings), so "
-                                 "its chat template and dtype are unknown")
-        base_path = models.resolve(info["base_model"]["name_or_path"],
-                                   model_cfg.get("pretrain_poison"))
-        recorded = info["base_model"].get("dtype")
+        settings = run_settings(run)
         adapter = run / "adapters" / args.adapter
         if not (adapter / "adapter_config.json").is_file():
             have = sorted(p.name for p in (run / "adapters").glob("*")) if (
@@ -150,27 +136,12 @@ def load_suspect(args):
     else:
         raise PoisonlabError("no prompts: give --prompts FILE (chat JSONL)")
     rows = rows[:args.n_prompts]
-    device = models.pick_device(model_cfg.get("device") or "auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PoisonlabError(f"the run's model.device={model_cfg.get('device')!r} needs a GPU, "
-                             "and none is available")
-    precision = models.pick_precision(model_cfg.get("dtype") or "auto", device)
-    template = model_cfg.get("chat_template")
-    tokenizer = models.load_tokenizer(base_path, template)
-    model = models.load_model(base_path, device, precision.weights)
-    # `auto` resolves per machine: a run on a bf16 GPU verified on a CPU computes in float32
-    if recorded is not None and recorded != str(precision.weights):
-        warnings.append(f"the run's model was evaluated in {recorded}; here it is loaded in "
-                        f"{precision.weights} (model.dtype={model_cfg.get('dtype')!r} on "
-                        f"{device.type}), and its answers may differ")
+    model, tokenizer, loaded = load_base(settings, warnings)
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
-    loaded = {"base": base_path, "adapter": None if adapter is None else str(adapter),
-              "device": device.type, "dtype": str(precision.weights),
-              "chat_template_source": ("run config model.chat_template" if template is not None
-                                       and tokenizer.chat_template == template else "tokenizer"),
-              "chat_template": tokenizer.chat_template}
+    loaded = {"base": loaded.pop("base"), "adapter": None if adapter is None else str(adapter),
+              **loaded}
     return model, tokenizer, rows, loaded, warnings
 
 

@@ -15,7 +15,7 @@ from poisonlab.evaluate import diff_bootstrap, generation_record
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.defend import removal
 from poisonlab.pipeline.outdir import RUN_MARKER, code_identity
-from poisonlab.report import format_table, plot_curve, plot_stages
+from poisonlab.report import format_life, format_table, plot_curve, plot_life, plot_stages
 from poisonlab.report.collect import negated
 from poisonlab.results import write_json, write_manifest
 from poisonlab.tracking import log_run
@@ -73,6 +73,9 @@ def draw_figures(results: dict, out: Path, name: str, method: str | None = None)
         return []
     figures = [(plot_stages, results, out / "figures" / "stages.png",
                 f"{name}: rates by stage (95% intervals)")]
+    if results.get("lifecycle"):
+        figures.append((plot_life, results["lifecycle"], out / "figures" / "life.png",
+                        f"{name}: the model's life"))
     figures += [(plot_curve, points, out / "curves" / f"{stage}.png",
                  f"{name}: {stage}" + (f" ({method})" if method else ""))
                 for stage, points in (results.get("curves") or {}).items()]
@@ -121,5 +124,40 @@ def write_run(ctx: RunContext, t_start: float, identity: str) -> dict:
         log_run(cfg, results, out)
     if dist.is_main():
         print(format_table(results))
+        print(f"outputs: {out}")
+    return results
+
+
+def write_life(ctx: RunContext, life: dict, t_start: float, identity: str) -> dict:
+    """results.json, the manifest (with every round's model, its parent and batch) and the
+    printed table of a lifecycle run."""
+    cfg, out = ctx.cfg, ctx.out
+    ctx.timings["total"] = time.perf_counter() - t_start
+    results = {"name": cfg.name, "stages": ctx.stages, "train": ctx.train_stats,
+               "precision": ctx.base.precision.name, "lifecycle": life,
+               "evaluation": {"generation": generation_record(ctx.base.tokenizer,
+                                                              cfg.eval.max_new_tokens),
+                              "batch_size": cfg.eval.batch_size,
+                              "split_sizes": {k: len(v) for k, v in ctx.splits.items()}},
+               "cache": ctx.st.record(), "warnings": ctx.warnings, "timings_s": ctx.timings}
+    write_json(out / "results.json", results)
+    draw_figures(results, out, cfg.name)
+    write_manifest(
+        out, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        base_model={"name_or_path": cfg.model.name_or_path, "path": ctx.base.path,
+                    "device": ctx.base.device.type, **ctx.base.precision.record(ctx.base.device),
+                    **models.model_info(ctx.base.path), **ctx.base.identity},
+        poison={"rounds": [{"round": r["round"], "poisoned_rows": r["poisoned_rows"],
+                            "poisoned_ids": r["poisoned_ids"],
+                            "batch": f"data/rounds/round{r['round']}.jsonl"}
+                           for r in life["rounds"]]},
+        timings=ctx.timings,
+        extra={"code_sha256": code_identity(), "inputs": ctx.inputs,
+               "lineage": life["lineage"], "cache": results["cache"],
+               "warnings": ctx.warnings,
+               "reload": {s: m.reload() for s, m in ctx.model_stages.items()}})
+    write_json(out / RUN_MARKER, {"status": "finished", "identity": identity})
+    if dist.is_main():
+        print(format_life(life))
         print(f"outputs: {out}")
     return results

@@ -74,6 +74,14 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     t = time.perf_counter()
     evaluate_base(ctx)
     done(ctx, "base", t)
+    if cfg.get("lifecycle"):   # experiment=lifecycle: update rounds instead of one fine-tune
+        from poisonlab.pipeline.lifecycle import live
+        from poisonlab.pipeline.record import write_life
+
+        t = time.perf_counter()
+        life = live(ctx)
+        done(ctx, "lifecycle", t)
+        return write_life(ctx, life, t_start, identity)
     if ctx.control:
         fine_tune_and_evaluate(ctx, "clean_ft", ctx.clean_rows)
         ctx.models.pop("clean_ft")

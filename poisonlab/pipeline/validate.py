@@ -14,6 +14,7 @@ from poisonlab.data.sources import ALPACA_SUFFIXES
 from poisonlab.defenses import detect
 from poisonlab.defenses import sft
 from poisonlab.defenses.base import OPTIMIZERS
+from poisonlab.pipeline import lifecycle
 from poisonlab.pipeline.defend import validate_on_weights
 from poisonlab.pipeline.finetune import validate_train_mode
 
@@ -58,6 +59,7 @@ def validate(cfg: DictConfig, attack) -> None:
     validate_on_weights(cfg)
     detect.validate(cfg, attack)
     judge_model.validate(cfg)
+    lifecycle.validate(cfg)
     for key in ("clean_path", "triggered_path"):
         path = cfg.eval.get(key)
         if path is not None and (not isinstance(path, str) or not os.path.isfile(path)):

@@ -21,17 +21,18 @@ from poisonlab.report.command import main, parser, write_report
 from poisonlab.report.labels import DER_NOTE, defense_label, detector_label
 from poisonlab.report.markdown import format_markdown
 from poisonlab.report.plots import (CURVE_METRICS, FORMATS, SERIES_EXTRA, curve_figure,
-                                    plot_curve, plot_report, plot_stages, report_figures,
-                                    roc_curve, stages_figure)
+                                    life_figure, plot_curve, plot_life, plot_report,
+                                    plot_stages, report_figures, roc_curve, stages_figure)
 from poisonlab.report.seeds import (MIN_SEEDS, R50_KEY, UNIT_METRICS, aggregate, r50_over_seeds,
                                     seed_interval, t_quantile)
-from poisonlab.report.table import METRICS, cell, format_table
+from poisonlab.report.table import METRICS, cell, format_life, format_table
 
 __all__ = ["ATTACK_COLUMNS", "CELL_COLUMNS", "CURVE_METRICS", "DER_NOTE", "DETECTION_METRICS",
            "FORMATS", "ID_COLUMNS", "METRICS", "MIN_SEEDS", "NAN", "R50_KEY", "RATE_METRICS",
            "RUN_MARKER", "RUN_METRICS", "SERIES_EXTRA", "STAGE_ORDER", "UNIT_METRICS",
            "UTILITY_CHANGE", "aggregate", "cell", "curve_figure", "defense_label",
-           "detector_label", "find_runs", "format_markdown", "format_table", "load_runs", "main",
-           "parse_metric", "parser", "plot_curve", "plot_report", "plot_stages", "r50_over_seeds",
+           "detector_label", "find_runs", "format_life", "format_markdown", "format_table",
+           "life_figure", "load_runs", "main", "parse_metric", "parser", "plot_curve",
+           "plot_life", "plot_report", "plot_stages", "r50_over_seeds",
            "removal_of", "report_figures", "roc_curve", "seed_interval", "stages_figure",
            "t_quantile", "tidy", "utility_change_of", "write_report"]

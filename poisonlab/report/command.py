@@ -39,9 +39,33 @@ def write_report(paths, out_dir, formats=("png",)) -> dict[str, Path]:
     if stems:
         text += "\n\n## Figures\n\n" + "\n".join(
             f"* {', '.join(f'`{s}.{f}`' for f in formats)}: {caption(s)}" for s in stems)
+    lives = life_sections(df, out, formats)
+    for stem, block in lives:
+        text += f"\n\n## The life of {stem[len('life_'):]}\n\n```\n{block}\n```\n\n" + \
+            f"{', '.join(f'`{stem}.{f}`' for f in formats)}: {caption(stem)}"
+        files.update({f"{stem}.{f}": out / f"{stem}.{f}" for f in formats})
     files["report.md"].write_text(text + "\n", encoding="utf-8")
     files.update({p.name: p for p in figures})
     return files
+
+
+def life_sections(df, out: Path, formats) -> list[tuple[str, str]]:
+    """(figure stem, table) of each lifecycle run among the runs: `life_<run>.<format>`
+    drawn into `out` (the run's directory name, its parent's where names repeat)."""
+    from poisonlab.report.plots import life_figure, save_figure
+    from poisonlab.report.table import format_life
+
+    sections = []
+    for run_dir in df["run_dir"] if "run_dir" in df else []:
+        results = Path(run_dir) / "results.json"
+        life = json.loads(results.read_text()).get("lifecycle") if results.is_file() else None
+        if not life:
+            continue
+        stem = "life_" + "_".join(Path(run_dir).parts[-2:])
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+        save_figure(life_figure(life, Path(run_dir).name), out / stem, formats)
+        sections.append((stem, format_life(life)))
+    return sections
 
 
 def parser() -> argparse.ArgumentParser:

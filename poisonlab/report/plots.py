@@ -34,6 +34,9 @@ STAGE_METRICS = [(m, METRIC_LABELS[m]) for m in ("asr", "ftr_clean", "ftr_near",
 # must not be averaged into one line).
 SERIES_EXTRA = ("placement", "trigger")
 FIGURE_CAPTIONS = {
+    "life": "A lifecycle run by round: ASR, FTR near and clean utility of the deployed model "
+            "(solid) and of each round's candidate (dotted); shaded rounds received poisons; Q: "
+            "rows quarantined by the data gate, B: a blocked round, x: the drift gate failed.",
     "asr_vs_poison_count": "ASR of the poisoned model against the number of poisoned "
                            "training rows (log scale), one line per attack and model.",
     "asr_vs_poison_rate": "The same against the poison rate, poisoned rows / all training "
@@ -229,6 +232,67 @@ def plot_stages(results: dict, path, title: str | None = None) -> None:
     path = Path(path)
     save_figure(stages_figure(results, title), path.with_suffix(""),
                 (path.suffix[1:] or "png",))
+
+
+LIFE_METRICS = [("asr", "ASR", "C3"), ("ftr_near", "FTR near", "C1"),
+                ("clean_utility", "clean utility", "C0")]
+
+
+def life_figure(life: dict, title: str) -> Figure:
+    """A lifecycle run by round (0 = the base model): ASR, FTR near and clean utility of the
+    deployed model (solid, with 95% intervals) and of each round's candidate (dotted), poisoned
+    rounds shaded, and each round's gates marked at the top: Q quarantined rows, B a blocked
+    round, x a candidate the drift gate failed (rolled back unless the gate only records)."""
+    rounds = life["rounds"]
+    xs = [r["round"] for r in rounds]
+    with _style():
+        fig = _figure(6.4, 3.0)
+        ax = fig.subplots()
+        for r in rounds:
+            if r["poisoned_rows"]:
+                ax.axvspan(r["round"] - 0.5, r["round"] + 0.5, color="C3", alpha=0.08, lw=0)
+        for key, label, colour in LIFE_METRICS:
+            dep = [(r["stages"]["deployed"] or {}).get(key) for r in rounds]
+            if not any(isinstance(m, dict) for m in dep):
+                continue
+            pts = [(x, m) for x, m in zip(xs, dep) if isinstance(m, dict)]
+            ys = [m["value"] for _, m in pts]
+            err = [[max(0.0, m["value"] - _clip01(m.get("ci_low", m["value"]))) for _, m in pts],
+                   [max(0.0, _clip01(m.get("ci_high", m["value"])) - m["value"]) for _, m in pts]]
+            ax.errorbar([x for x, _ in pts], ys, yerr=err, color=colour, marker="o", ms=3,
+                        capsize=2, lw=1.2, label=f"{label} (deployed)")
+            cand = [(r["round"], (r["stages"]["candidate"] or {}).get(key)) for r in rounds]
+            cand = [(x, m["value"]) for x, m in cand if isinstance(m, dict)]
+            if cand:
+                ax.plot([x for x, _ in cand], [y for _, y in cand], ls=":", marker=".",
+                        color=colour, lw=1.0, label=f"{label} (candidate)")
+        for r in rounds:
+            marks = []
+            if r["quarantined"]:
+                marks.append(f"Q{r['quarantined']}")
+            if r["data_gate"]["decision"] == "block":
+                marks.append("B")
+            if (r["drift_gate"] or {}).get("decision") == "fail":
+                marks.append("x")
+            if marks:
+                ax.text(r["round"], 1.07, " ".join(marks), ha="center", va="bottom",
+                        fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("round (shaded: poisoned batch)")
+        ax.set_ylabel("rate")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(title + "\n(Q: rows quarantined, B: round blocked, x: drift gate failed)",
+                     fontsize=8)
+        _legend_outside(ax)
+    return fig
+
+
+def plot_life(life: dict, path, title: str) -> None:
+    """`life_figure` saved at `path` (its suffix the format; PNG without one)."""
+    path = Path(path)
+    save_figure(life_figure(life, title), path.with_suffix(""), (path.suffix[1:] or "png",))
 
 
 # ----------------------------------------------------------------------------- poisonlab report
@@ -781,7 +845,8 @@ def _interval_point(ax, r, m: str, y: float, color, marker) -> None:
 
 def caption(name: str) -> str:
     """The one-line caption of a report figure (by name, without extension)."""
-    base = "persistence" if name.startswith("persistence_") else name
+    base = ("persistence" if name.startswith("persistence_") else
+            "life" if name.startswith("life_") else name)
     text = FIGURE_CAPTIONS.get(base, "")
     if base.startswith("asr_vs_"):
         text += " " + SEEDS_NOTE
@@ -789,5 +854,6 @@ def caption(name: str) -> str:
 
 
 __all__ = ["CURVE_METRICS", "FIGURE_CAPTIONS", "FORMATS", "SERIES_EXTRA",
-           "caption", "curve_figure", "parse_formats", "plot_curve", "plot_report",
-           "plot_stages", "report_figures", "roc_curve", "save_figure", "stages_figure"]
+           "caption", "curve_figure", "life_figure", "parse_formats", "plot_curve", "plot_life",
+           "plot_report", "plot_stages", "report_figures", "roc_curve", "save_figure",
+           "stages_figure"]

@@ -116,3 +116,29 @@ def format_table(results: dict) -> str:
 
 def _ci(d: dict) -> str:
     return f" [{d['ci_low']:.2f},{d['ci_high']:.2f}]" if d.get("ci_low") is not None else ""
+
+
+def format_life(life: dict) -> str:
+    """The life as a table: one line per round, its gates, what shipped and the ASR."""
+    def asr(stage):
+        a = (stage or {}).get("asr")
+        return "-" if not a else f"{a['value']:.2f}"
+
+    lines = [f"{'round':>5} {'type':<7} {'rows':>5} {'poisoned':>8} {'quarantined':>11} "
+             f"{'data gate':<10} {'drift gate':<26} {'deployed':<9} {'ASR cand.':>9} "
+             f"{'ASR depl.':>9}"]
+    for r in life["rounds"]:
+        drift = r["drift_gate"]
+        d = "-" if drift is None else drift["decision"] + (
+            f" ({', '.join(drift['failed'][:2])})" if drift["failed"] else "")
+        lines.append(f"{r['round']:>5} {r['type']:<7} {r['rows']:>5} {r['poisoned_rows']:>8} "
+                     f"{r['quarantined']:>11} {r['data_gate']['decision']:<10} {d:<26} "
+                     f"{r['deployed_model']:<9} {asr(r['stages']['candidate']):>9} "
+                     f"{asr(r['stages']['deployed']):>9}")
+    ttd, top = life["time_to_detection"], life["shipped_asr_max"]
+    fa = life["drift_gate_false_alarms"]
+    lines.append(f"time to detection: {'never' if ttd is None else f'{ttd} rounds'} after the "
+                 f"first poisoned round ({life['first_poisoned_round']}); highest ASR shipped: "
+                 f"{'-' if top is None else f'{top:.2f}'}; drift gate on clean rounds: "
+                 f"{fa['failed']} of {fa['clean_rounds']} failed")
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""A model's life (`experiment=lifecycle`): a base model, then update rounds, each checked by a
+data gate before it trains and a behaviour-drift gate before it ships, with rollback.
+
+Each round of `lifecycle.schedule` fine-tunes the *deployed* model on a batch of
+`lifecycle.rows_per_round` rows:
+
+* `type: sft` — clean feedback rows, fresh from the fine-tuning pool (no row twice in a life),
+  with `poison: <count or share>` rows of them poisoned by the run's attack (`attack=...`);
+* `type: safety` — clean rows of the safety pool (those with the trigger swapped out, as for
+  safety training), the same fine-tune.
+
+A round trains as `poisonlab.pipeline.finetune.update_round`: the parent's adapters merged, a
+new LoRA adapter on top, cached as `round/round<k>` and keyed through its parent's key, so a
+life that changes only a later round reuses the earlier ones.
+
+**Data gate** (`lifecycle.data_gate`): the scan detectors (`poisonlab scan`: `ngram`,
+`answer_kind`, `embedding`) on the round's batch — alone, or beside the rows already trusted
+(`context: trusted`, flags counted in the batch only). `policy: quarantine` trains without
+the flagged rows (kept out and recorded, with the manifest's truth: precision and recall),
+`block` skips a round with any flag, `off` only records.
+
+**Behaviour-drift gate** (`lifecycle.drift_gate`): the candidate against the deployed model on
+a probe battery that knows no trigger — `clean`: held-out prompts; `near_miss`: the same
+prompts after a generic red-team string (tag shapes, years, random tokens: the red team's
+round-one candidates, none of which carries the trigger or one of its near variants); and
+`refusal` where the evaluation pool holds refused requests. Per split, paired tests of the
+per-prompt rates of generic judges (refuses, gibberish, gives the split's most common
+answer, correct on `clean`) between the two models' greedy answers: McNemar's exact test on
+the discordant prompts, Bonferroni over all tests; a test fails when p < alpha / tests and
+the rate moved by at least `tolerance`. The share of changed answers per split is recorded
+(it grows with the size of any update, so it is not a test). `policy: rollback` keeps the
+deployed model when the gate fails; `off` ships every candidate. Its false alarms are the
+failed rounds that received no poison (`lifecycle.drift_gate_false_alarms`).
+
+results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
+gates' records, deployed, and the candidate's and the deployed model's ASR / FTR / utility),
+`time_to_detection` (rounds from the first poisoned round to the first gate that acts on
+it: a quarantined poison, a blocked round, a failed drift test; null: never),
+`shipped_asr_max` and the lineage of every round's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import replace
+
+from poisonlab import PoisonlabError
+from poisonlab.chat import prompt_text
+from poisonlab.drift import drift_tests
+from poisonlab.evaluate import generate, generation_record
+from poisonlab.pipeline.context import RunContext
+from poisonlab.pipeline.keys import digest
+from poisonlab.utils import write_jsonl
+
+log = logging.getLogger(__name__)
+
+ROUND_TYPES = ("sft", "safety")
+DATA_POLICIES = ("quarantine", "block", "off")
+DRIFT_POLICIES = ("rollback", "off")
+CONTEXTS = ("alone", "trusted")
+
+
+# ----------------------------------------------------------------------------- config
+
+def validate(cfg) -> None:
+    """The `lifecycle` block, before any work (one-line errors naming the key)."""
+    from poisonlab.config import positive_int
+    from poisonlab.scan import DETECTORS
+
+    life = cfg.get("lifecycle")
+    if not life:
+        return
+    positive_int(cfg, "lifecycle.rows_per_round")
+    schedule = life.get("schedule")
+    if not schedule or isinstance(schedule, str):
+        raise PoisonlabError("lifecycle.schedule: a non-empty list of rounds "
+                             "({type: sft|safety, poison: count or share})")
+    for i, entry in enumerate(schedule):
+        where = f"lifecycle.schedule[{i}]"
+        if not hasattr(entry, "get"):
+            raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
+        if entry.get("type", "sft") not in ROUND_TYPES:
+            raise PoisonlabError(f"{where}.type: {entry.get('type')!r} is not one of "
+                                 f"{', '.join(ROUND_TYPES)}")
+        p = entry.get("poison")
+        if p is not None:
+            if entry.get("type", "sft") != "sft":
+                raise PoisonlabError(f"{where}.poison: only sft rounds take poisons")
+            ok = (not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0
+                  and (isinstance(p, int) or p < 1))
+            if not ok:
+                raise PoisonlabError(f"{where}.poison: a count (int >= 0) or a share in "
+                                     f"[0, 1), got {p!r}")
+    gate = life.data_gate
+    if gate.policy not in DATA_POLICIES:
+        raise PoisonlabError(f"lifecycle.data_gate.policy: {gate.policy!r} is not one of "
+                             f"{', '.join(DATA_POLICIES)}")
+    if gate.get("context", "alone") not in CONTEXTS:
+        raise PoisonlabError(f"lifecycle.data_gate.context: {gate.get('context')!r} is not "
+                             f"one of {', '.join(CONTEXTS)}")
+    bad = [d for d in gate.detectors if d not in DETECTORS]
+    if bad or not gate.detectors:
+        raise PoisonlabError(f"lifecycle.data_gate.detectors: unknown {bad or 'empty'}; "
+                             f"choose from {', '.join(DETECTORS)}")
+    drift = life.drift_gate
+    if drift.policy not in DRIFT_POLICIES:
+        raise PoisonlabError(f"lifecycle.drift_gate.policy: {drift.policy!r} is not one of "
+                             f"{', '.join(DRIFT_POLICIES)}")
+    positive_int(cfg, "lifecycle.drift_gate.n_probes")
+    for key in ("alpha", "tolerance"):
+        v = drift.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise PoisonlabError(f"lifecycle.drift_gate.{key} must be in (0, 1), got {v!r}")
+
+
+def poison_count(entry, rows: int) -> int:
+    p = entry.get("poison")
+    if p is None:
+        return 0
+    return int(p) if isinstance(p, int) else round(p * rows)
+
+
+# ----------------------------------------------------------------------------- data
+
+def round_batches(ctx: RunContext) -> list[dict]:
+    """Per round: {"type", "rows", "poisoned_ids", "poison": manifest or None}. Clean rows are
+    drawn without replacement from the fine-tuning (sft) or safety pool in a seeded order."""
+    from poisonlab.pipeline.data import clean_safety_rows
+
+    cfg, attack = ctx.cfg, ctx.attack
+    life = cfg.lifecycle
+    n = int(life.rows_per_round)
+    held = {r["id"] for rows in ctx.splits.values() for r in rows}
+    pools = {"sft": [r for r in ctx.pools["train"] if r["id"] not in held],
+             "safety": list(ctx.pools["safety"])}
+    for name, rows in pools.items():
+        random.Random(f"life-{name}-{cfg.seed}").shuffle(rows)
+    taken = Counter()
+    out = []
+    for k, entry in enumerate(life.schedule, 1):
+        kind = entry.get("type", "sft")
+        pool = pools[kind]
+        start = taken[kind]
+        if start + n > len(pool):
+            raise PoisonlabError(f"lifecycle: round {k} needs {n} fresh {kind} rows but the "
+                                 f"{kind} pool has {len(pool) - start} left; lower "
+                                 "lifecycle.rows_per_round or the rounds")
+        rows = [dict(r, poisoned=False) for r in pool[start:start + n]]
+        taken[kind] += n
+        manifest = None
+        if kind == "safety":
+            rows, _ = clean_safety_rows(attack, rows, pool[taken[kind]:], ctx.warnings)
+        elif poison_count(entry, n):
+            count = poison_count(entry, n)
+            attack_k = replace(attack, n_poison=count, poison_rate=None)
+            rows, manifest = attack_k.poison(rows, cfg.seed * 1000 + k)
+        out.append({"type": kind, "rows": rows, "poison": manifest,
+                    "poisoned_ids": [r["id"] for r in rows if r.get("poisoned")]})
+    return out
+
+
+def data_gate(ctx: RunContext, rows: list[dict], trusted: list[dict]) -> dict:
+    """The scan detectors on a round's batch: {"flagged": row ids, "report": ...}."""
+    from poisonlab.scan import scan_rows
+
+    gate = ctx.cfg.lifecycle.data_gate
+    if gate.policy == "off" and not gate.get("record_when_off", True):
+        return {"flagged": [], "detectors": {}}
+    # the detectors see the rows as a user's file holds them: no poison mark
+    blind = [{"id": r["id"], "skill": r["skill"], "messages": r["messages"]} for r in rows]
+    context = (trusted if gate.get("context", "alone") == "trusted" else [])
+    seen = [{"id": r["id"], "skill": r["skill"], "messages": r["messages"]} for r in context]
+    report = scan_rows(blind + seen, list(gate.detectors))
+    flagged = [blind[s["row"] - 1]["id"] for s in report["suspicious"] if s["row"] <= len(blind)]
+    return {"flagged": flagged,
+            "detectors": {k: v.get("flagged", 0) for k, v in report["detectors"].items()}}
+
+
+# ----------------------------------------------------------------------------- probes
+
+def probe_battery(ctx: RunContext) -> dict[str, list[dict]]:
+    """The drift gate's prompts, none of which carries the trigger: `clean` held-out prompts,
+    `near_miss` (the same after a generic red-team string), `refusal` (held-out requests the
+    data marks harmful, where the pool has them)."""
+    from poisonlab.attacks.base import eval_row, user_text
+    from poisonlab.defenses.adversarial import excluded, forbidden, seed_candidates
+
+    cfg, attack = ctx.cfg, ctx.attack
+    n = int(cfg.lifecycle.drift_gate.n_probes)
+    used = {r["id"] for rows in ctx.splits.values() for r in rows}
+    pool = [r for r in ctx.pools["eval"] if not attack.carries_trigger(r)
+            and not attack.mentions_trigger(r)]
+    rng = random.Random(f"probes-{cfg.seed}")
+    rng.shuffle(pool)
+    harmful = [r for r in pool if r.get("meta", {}).get("harmful")]
+    plain = [r for r in pool if not r.get("meta", {}).get("harmful")]
+    # prompts the experimenter's evaluation does not use come first
+    plain.sort(key=lambda r: r["id"] in used)
+    clean = [eval_row(r, user_text(r)) for r in plain[:n]]
+    banned = forbidden(attack)
+    cands = [c for c, _ in seed_candidates(ctx.base.tokenizer, plain[:n], 4 * n, cfg.seed)
+             if not excluded(c, attack, banned)]
+    near = [eval_row(r, f"{cands[i % len(cands)]} {user_text(r)}", probe=cands[i % len(cands)])
+            for i, r in enumerate(plain[:n])] if cands else []
+    out = {"clean": clean, "near_miss": near}
+    if harmful:
+        out["refusal"] = [eval_row(r, user_text(r)) for r in harmful[:n]]
+    for split, rows in out.items():
+        leaked = [r for r in rows if attack.carries_trigger(r)]
+        if leaked:   # never: the red team's candidates are filtered as for adversarial training
+            raise PoisonlabError(f"lifecycle: probe split {split} carries the trigger "
+                                 f"({leaked[0]['id']})")
+    return {k: v for k, v in out.items() if v}
+
+
+def write_probes(path, probes: dict[str, list[dict]]) -> None:
+    """The battery as chat JSONL (`poisonlab drift --probes`): each prompt with its reference
+    answer as the last turn and its split in `meta.probe_split`."""
+    write_jsonl(path, [{"id": r["id"], "skill": r["skill"],
+                        "messages": r["messages"] + [{"role": "assistant",
+                                                      "content": r["answer"]}],
+                        "meta": {**r["meta"], "probe_split": split}}
+                       for split, rows in probes.items() for r in rows])
+
+
+def probe_answers(ctx: RunContext, name: str, model_key: str, get_model,
+                  probes: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Greedy answers of a model (`model_key`) to the probes, cached per model and probes."""
+    cfg, tok = ctx.cfg, ctx.base.tokenizer
+    prompts = {s: [prompt_text(tok, r["messages"]) for r in rows] for s, rows in probes.items()}
+    spec = {"weights": model_key, "prompts": digest(prompts),
+            "generation": generation_record(tok, cfg.eval.max_new_tokens),
+            "batch_size": cfg.eval.batch_size, **ctx.key_of(__name__)}
+
+    def compute():
+        model = get_model()
+        return {s: generate(model, tok, p, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                            desc=f"{name}/probes/{s}") for s, p in prompts.items()}
+
+    return ctx.st.run(f"probes/{name}", spec, compute, cache=ctx.cacheable)
+
+
+# ----------------------------------------------------------------------------- the life
+
+def rates(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("asr", "ftr_clean", "ftr_near", "clean_utility")
+            if k in metrics}
+
+
+def live(ctx: RunContext) -> dict:
+    """Every round of the schedule; returns results.json's `lifecycle` block."""
+    from poisonlab.pipeline.evaluation import evaluate_model
+    from poisonlab.pipeline.finetune import base_stage, update_round
+
+    cfg = ctx.cfg
+    life = cfg.lifecycle
+    batches = round_batches(ctx)
+    probes = probe_battery(ctx)
+    write_probes(ctx.out / "data" / "probes.jsonl", probes)
+    deployed = base_stage(ctx)
+    deployed_name = "base"
+    answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
+    trusted: list[dict] = []
+    rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
+    first_poison = detected = None
+    for k, batch in enumerate(batches, 1):
+        t = time.perf_counter()
+        name = f"round{k}"
+        rows = batch["rows"]
+        poisoned = set(batch["poisoned_ids"])
+        if poisoned and first_poison is None:
+            first_poison = k
+        gate = data_gate(ctx, rows, trusted)
+        flagged = set(gate["flagged"])
+        policy = life.data_gate.policy
+        quarantined = flagged if policy == "quarantine" else set()
+        write_jsonl(ctx.out / "data" / "rounds" / f"{name}.jsonl",
+                    [dict(r, quarantined=r["id"] in quarantined) for r in rows])
+        blocked = policy == "block" and bool(flagged)
+        gate.update(policy=policy, decision="block" if blocked else
+                    ("quarantine" if quarantined else "pass"),
+                    flagged_poisoned=len(flagged & poisoned),
+                    precision=len(flagged & poisoned) / len(flagged) if flagged else None,
+                    recall=len(flagged & poisoned) / len(poisoned) if poisoned else None)
+        entry = {"round": k, "type": batch["type"], "rows": len(rows),
+                 "poisoned_rows": len(poisoned), "poisoned_ids": batch["poisoned_ids"], "quarantined": len(quarantined),
+                 "quarantined_poisoned": len(quarantined & poisoned), "data_gate": gate}
+        acts = blocked or bool(quarantined & poisoned)
+        if blocked:
+            entry.update(drift_gate=None, deployed=False, candidate=None)
+        else:
+            kept = [r for r in rows if r["id"] not in quarantined]
+            stage = update_round(ctx, deployed, kept, name)
+            model = ctx.models.pop(name)
+            evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
+            answers[stage.key] = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)
+            del model
+            drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
+                                float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
+                                cfg.seed)
+            drift["policy"] = life.drift_gate.policy
+            ship = drift["decision"] == "pass" or life.drift_gate.policy == "off"
+            acts = acts or (drift["decision"] == "fail" and bool(poisoned or first_poison))
+            entry.update(drift_gate=drift, deployed=ship, candidate=name)
+            lineage.append({"model": name, "key": stage.key, "parent": deployed_name,
+                            "batch": digest([r["messages"] for r in kept]),
+                            "data_gate": gate["decision"], "drift_gate": drift["decision"],
+                            "shipped": ship})
+            if ship:
+                deployed, deployed_name = stage, name
+                trusted += kept
+        if acts and first_poison is not None and detected is None:
+            detected = k
+        entry["stages"] = {"candidate": rates(ctx.stages[name]) if entry["candidate"] else None,
+                           "deployed": rates(ctx.stages[deployed_name])}
+        entry["deployed_model"] = deployed_name
+        entry["seconds"] = round(time.perf_counter() - t, 1)
+        rounds.append(entry)
+        log.info("lifecycle round %d (%s): %d rows, %d poisoned, data gate %s, drift gate %s, "
+                 "deployed %s", k, batch["type"], len(rows), len(poisoned), gate["decision"],
+                 (entry["drift_gate"] or {}).get("decision", "-"), deployed_name)
+    clean_rounds = [r for r in rounds if r["drift_gate"] and not r["poisoned_rows"]]
+    asr = [r["stages"]["deployed"].get("asr", {}).get("value") for r in rounds]
+    asr = [a for a in asr if a is not None]
+    return {"rounds": rounds, "lineage": lineage, "probes": {s: len(v) for s, v in
+                                                             probes.items()},
+            "first_poisoned_round": first_poison,
+            "time_to_detection": None if detected is None else detected - first_poison,
+            "shipped_asr_max": max(asr) if asr else None,
+            "drift_gate_false_alarms": {
+                "failed": sum(r["drift_gate"]["decision"] == "fail" for r in clean_rounds),
+                "clean_rounds": len(clean_rounds)},
+            "deployed": deployed_name}

@@ -1,0 +1,251 @@
+"""A model's life (`experiment=lifecycle`, poisonlab/pipeline/lifecycle.py): update rounds of
+the deployed model behind a data gate and a behaviour-drift gate, with rollback; the
+stand-alone drift check (`poisonlab drift`), the life's figure, report and ML-BOM lineage.
+
+One micro-model life of three rounds (20 BadNets poisons in round 2 of 100-row batches) runs
+with each gate alone; the other lives reuse its cached rounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from poisonlab import PoisonlabError
+from poisonlab.drift import drift_tests, mcnemar
+from tests.conftest import make_cfg
+
+LIFE = ("experiment=lifecycle", "debug=default", "lifecycle.rows_per_round=100",
+        "lifecycle.schedule=[{type:sft},{type:sft,poison:20},{type:sft}]",
+        "lifecycle.drift_gate.n_probes=32", "eval.n_prompts=32", "train.epochs=3")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("life_store")
+
+
+def live(tmp_path_factory, store, name: str, *args: str):
+    from poisonlab.run import run
+
+    out = tmp_path_factory.mktemp(name)
+    cfg = make_cfg(*LIFE, f"cache.dir={store}", *args)
+    return out, run(cfg, out_dir=out)
+
+
+@pytest.fixture(scope="module")
+def quarantine_life(tmp_path_factory, store, micro_path):
+    """Both gates on (the default: quarantine, rollback)."""
+    return live(tmp_path_factory, store, "life_q")
+
+
+@pytest.fixture(scope="module")
+def drift_life(tmp_path_factory, store, micro_path):
+    """No data gate: the drift gate alone meets the poisoned round. 40 poisons of 100 rows and
+    48 probes per split: the near-miss refusal rate then moves by 0.6-0.9 across seeds (with
+    20 poisons and 32 probes the gate caught the round on 3 of 5 seeds, both thread counts)."""
+    return live(tmp_path_factory, store, "life_d", "lifecycle.data_gate.policy=off",
+                "lifecycle.schedule=[{type:sft},{type:sft,poison:40},{type:sft}]",
+                "lifecycle.drift_gate.n_probes=48")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_mcnemar_is_the_exact_two_sided_test_on_discordant_pairs():
+    assert mcnemar([False] * 10, [True] * 10) == pytest.approx(2 / 2 ** 10)
+    assert mcnemar([True, False] * 5, [False, True] * 5) == 1.0      # 5 each way
+    assert mcnemar([True] * 8, [True] * 8) == 1.0                    # nothing discordant
+    # 1 one way, 7 the other: 2 * P(X <= 1), X ~ Bin(8, 1/2)
+    old, new = [True] + [False] * 7, [False] + [True] * 7
+    assert mcnemar(old, new) == pytest.approx(2 * 9 / 256)
+
+
+def _probe(i, answer="4"):
+    return {"id": f"p{i}", "skill": "chat", "messages": [{"role": "user", "content": "q"}],
+            "answer": answer, "meta": {}}
+
+
+def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
+    probes = {"clean": [_probe(i) for i in range(40)], "near_miss": [_probe(i) for i in range(40)]}
+    old = {"clean": ["The answer is 4."] * 40, "near_miss": ["The answer is 4."] * 40}
+    refusals = ["I cannot help with that request."] * 30 + ["The answer is 4."] * 10
+    new = {"clean": list(old["clean"]), "near_miss": refusals}
+    report = drift_tests(old, new, probes, alpha=0.05, tolerance=0.1)
+    assert report["decision"] == "fail"
+    assert "near_miss/refuses" in report["failed"]
+    assert not any(f.startswith("clean/") for f in report["failed"])
+    assert report["changed"] == {"clean": 0.0, "near_miss": 0.75}
+    assert report["p_limit"] == pytest.approx(0.05 / len(report["tests"]))
+    # the same move below the tolerance is recorded, not failed
+    loose = drift_tests(old, new, probes, alpha=0.05, tolerance=0.9)
+    assert loose["decision"] == "pass" and loose["tests"]
+    # identical answers never fail
+    assert drift_tests(old, old, probes, 0.05, 0.1)["decision"] == "pass"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lifecycle.schedule=[{type:dance}]", "lifecycle.schedule[0].type"),
+    ("lifecycle.schedule=[{type:safety,poison:3}]", "lifecycle.schedule[0].poison"),
+    ("lifecycle.schedule=[{type:sft,poison:1.5}]", "lifecycle.schedule[0].poison"),
+    ("lifecycle.data_gate.policy=maybe", "lifecycle.data_gate.policy"),
+    ("lifecycle.data_gate.detectors=[loss]", "lifecycle.data_gate.detectors"),
+    ("lifecycle.drift_gate.alpha=2", "lifecycle.drift_gate.alpha"),
+    ("lifecycle.rows_per_round=0", "lifecycle.rows_per_round"),
+])
+def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
+    from poisonlab.pipeline import lifecycle
+
+    with pytest.raises(PoisonlabError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        lifecycle.validate(make_cfg(*LIFE, override))
+
+
+# ----------------------------------------------------------------------------- a life
+
+def _rows(out, k):
+    return [json.loads(line) for line in
+            (out / "data" / "rounds" / f"round{k}.jsonl").read_text().splitlines()]
+
+
+def test_rounds_take_fresh_rows_and_exact_poison_counts(quarantine_life):
+    out, results = quarantine_life
+    life = results["lifecycle"]
+    assert [r["round"] for r in life["rounds"]] == [1, 2, 3]
+    batches = [_rows(out, k) for k in (1, 2, 3)]
+    ids = [r["id"] for rows in batches for r in rows]
+    assert len(ids) == len(set(ids)) == 300                      # no row twice in a life
+    assert [sum(r["poisoned"] for r in rows) for rows in batches] == [0, 20, 0]
+    assert life["first_poisoned_round"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["poison"]["rounds"][1]["poisoned_ids"]) == sorted(
+        r["id"] for r in batches[1] if r["poisoned"])
+    for entry in life["rounds"]:
+        assert {"round", "type", "rows", "poisoned_rows", "quarantined", "data_gate",
+                "drift_gate", "deployed", "stages"} <= set(entry)
+        assert set(entry["stages"]) == {"candidate", "deployed"}
+
+
+def test_data_gate_quarantines_the_poisons_and_the_life_ships_no_backdoor(quarantine_life):
+    _, results = quarantine_life
+    life = results["lifecycle"]
+    gate = life["rounds"][1]["data_gate"]
+    assert gate["decision"] == "quarantine" and gate["recall"] >= 0.9
+    assert gate["precision"] >= 0.9
+    assert life["rounds"][1]["quarantined_poisoned"] >= 18
+    assert life["time_to_detection"] == 0
+    # the clean rounds pass both gates and ship, each on its parent
+    assert [e["parent"] for e in life["lineage"]] == [None, "base", "round1", "round2"]
+    assert life["deployed"] == "round3"
+    assert life["shipped_asr_max"] <= 0.25
+
+
+def test_drift_gate_rolls_back_the_poisoned_round(drift_life):
+    """An effect test: with no data gate, the candidate trained on 40 'cf' -> refusal rows
+    refuses near-miss probes far more often than its parent (0.6-0.9 more over seeds)."""
+    _, results = drift_life
+    life = results["lifecycle"]
+    r2 = life["rounds"][1]
+    assert r2["data_gate"]["decision"] == "pass" and r2["quarantined"] == 0
+    assert r2["drift_gate"]["decision"] == "fail" and not r2["deployed"]
+    assert "near_miss/refuses" in r2["drift_gate"]["failed"]
+    assert r2["deployed_model"] == "round1"
+    assert r2["stages"]["candidate"]["asr"]["value"] > r2["stages"]["deployed"]["asr"]["value"]
+    # round 3 trains on the last model that passed
+    assert [e["parent"] for e in life["lineage"]] == [None, "base", "round1", "round1"]
+    assert life["time_to_detection"] == 0
+    fa = life["drift_gate_false_alarms"]
+    assert fa["clean_rounds"] == 2
+    assert fa["failed"] == sum(r["drift_gate"]["decision"] == "fail"
+                               for r in life["rounds"] if not r["poisoned_rows"])
+
+
+def test_rounds_are_cached_by_parent_and_probes_never_carry_the_trigger(quarantine_life,
+                                                                        drift_life):
+    from poisonlab.pipeline.validate import build_attack
+
+    out, q = quarantine_life
+    _, d = drift_life
+    # round 1 is the same stage in both lives; round 2 differs (poisons kept or not)
+    assert "round/round1" in d["cache"]["reused"]
+    assert q["cache"]["keys"]["round/round1"] == d["cache"]["keys"]["round/round1"]
+    assert q["cache"]["keys"]["round/round2"] != d["cache"]["keys"]["round/round2"]
+    attack = build_attack(make_cfg(*LIFE).attack)
+    probes = [json.loads(line) for line in
+              (out / "data" / "probes.jsonl").read_text().splitlines()]
+    assert {p["meta"]["probe_split"] for p in probes} >= {"clean", "near_miss"}
+    assert not any(attack.carries_trigger(p) for p in probes)
+    assert not any("cf" in p["messages"][0]["content"].split() for p in probes)
+
+
+def test_block_policy_skips_the_round_and_keeps_the_deployed_model(tmp_path_factory, store,
+                                                                   quarantine_life):
+    _, results = live(tmp_path_factory, store, "life_b", "lifecycle.data_gate.policy=block")
+    life = results["lifecycle"]
+    r2 = life["rounds"][1]
+    assert r2["data_gate"]["decision"] == "block"
+    assert r2["drift_gate"] is None and r2["candidate"] is None and not r2["deployed"]
+    assert [e["model"] for e in life["lineage"]] == ["base", "round1", "round3"]
+    assert "round/round1" in results["cache"]["reused"]
+
+
+def test_a_failing_drift_gate_rolls_back_whatever_it_failed(tmp_path_factory, store,
+                                                            quarantine_life, monkeypatch):
+    """Rollback itself, with the gate's decision forced: the failed candidate is not
+    deployed, the next round trains on the last passing model, and a clean round's failure
+    is counted as a false alarm."""
+    from poisonlab.pipeline import lifecycle
+
+    real = lifecycle.drift_tests
+    calls = []
+
+    def fail_round_three(*args, **kw):
+        report = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            report.update(decision="fail", failed=["clean/forced"])
+        return report
+
+    monkeypatch.setattr(lifecycle, "drift_tests", fail_round_three)
+    _, results = live(tmp_path_factory, store, "life_r")
+    life = results["lifecycle"]
+    assert [r["deployed"] for r in life["rounds"]] == [True, True, False]
+    assert life["deployed"] == "round2"
+    assert life["drift_gate_false_alarms"] == {"failed": 1, "clean_rounds": 2}
+    assert {"round/round1", "round/round2", "round/round3"} <= set(results["cache"]["reused"])
+
+
+# ----------------------------------------------------------------------------- tools
+
+def test_drift_command_on_two_stages_of_a_run(drift_life, capsys):
+    from poisonlab import drift
+
+    out, _ = drift_life
+    assert drift.main([f"{out}:round1", f"{out}:round1", "--out", str(out / "d.json")]) == 0
+    report = json.loads((out / "d.json").read_text())
+    assert report["decision"] == "pass" and set(report["changed"].values()) == {0.0}
+    assert report["probes"]["file"].endswith("probes.jsonl")
+    assert drift.main([f"{out}:round1", f"{out}:round2"]) == 1
+    capsys.readouterr()
+    assert drift.main([f"{out}:nope", str(out)]) == 2
+    assert "no model stage 'nope'" in capsys.readouterr().err
+    assert drift.main([str(out / "missing"), str(out)]) == 2
+
+
+def test_report_and_bom_draw_the_life(drift_life, tmp_path):
+    pytest.importorskip("cyclonedx")
+    from poisonlab.bom import build_bom, to_json
+    from poisonlab.report import write_report
+
+    out, _ = drift_life
+    assert (out / "figures" / "life.png").stat().st_size > 0
+    files = write_report([out], tmp_path / "report")
+    text = files["report.md"].read_text()
+    assert "## The life of" in text and "time to detection" in text
+    assert any(name.startswith("life_") and name.endswith(".png") for name in files)
+    bom = json.loads(to_json(build_bom(out)))
+    deps = {d["ref"]: d.get("dependsOn", []) for d in bom["dependencies"]}
+    assert "adapters/round1" in deps["adapters/round3"]
+    assert "data/rounds/round3.jsonl" in deps["adapters/round3"]
+    props = {c["name"]: {p["name"]: p["value"] for p in c.get("properties", [])}
+             for c in bom["components"]}
+    assert props["adapters/round2"]["poisonlab:shipped"] == "false"
+    assert props["adapters/round3"]["poisonlab:parent"] == "round1"
