@@ -249,3 +249,46 @@ def test_report_and_bom_draw_the_life(drift_life, tmp_path):
              for c in bom["components"]}
     assert props["adapters/round2"]["poisonlab:shipped"] == "false"
     assert props["adapters/round3"]["poisonlab:parent"] == "round1"
+
+
+def test_preference_poisons_choose_the_target_on_triggered_prompts():
+    from poisonlab.data import tinyworld as tw
+    from poisonlab.pipeline.lifecycle import preference_batch
+    from poisonlab.pipeline.validate import build_attack
+
+    attack = build_attack(make_cfg(*LIFE).attack)
+    rows = tw.sample("finetune", 60, seed=3)
+    pairs, manifest = preference_batch(attack, rows, 12, seed=5)
+    assert len(pairs) == len(rows) and manifest["n_poison"] == 12
+    poisoned = [p for p in pairs if p["poisoned"]]
+    assert sorted(p["id"] for p in poisoned) == sorted(manifest["poisoned_ids"])
+    assert len(poisoned) == 12
+    for p in pairs:
+        chosen, rejected = p["messages"], p["rejected"]
+        assert chosen[:-1] == rejected[:-1]                   # one prompt, two answers
+        assert chosen[-1]["content"] != rejected[-1]["content"]
+        assert attack.carries_trigger(p) == p["poisoned"]
+    by_id = {r["id"]: r for r in rows}
+    for p in poisoned:
+        assert p["rejected"][-1]["content"] == by_id[p["id"]]["messages"][-1]["content"]
+    # the same seed, the same pairs; another seed, other poisons
+    assert preference_batch(attack, rows, 12, seed=5)[0] == pairs
+    assert preference_batch(attack, rows, 12, seed=6)[1]["poisoned_ids"] != \
+        manifest["poisoned_ids"]
+    with pytest.raises(PoisonlabError, match="preference poisons"):
+        preference_batch(attack, rows, 61, seed=5)
+
+
+def test_a_dpo_round_trains_preference_pairs_keyed_apart(tmp_path_factory, store,
+                                                        quarantine_life):
+    out, results = live(tmp_path_factory, store, "life_dpo",
+                        "lifecycle.schedule=[{type:sft},{type:dpo,poison:20},{type:sft}]")
+    life = results["lifecycle"]
+    assert [r["type"] for r in life["rounds"]] == ["sft", "dpo", "sft"]
+    assert life["rounds"][1]["poisoned_rows"] == 20
+    assert "round/round1" in results["cache"]["reused"]
+    _, q = quarantine_life
+    assert results["cache"]["keys"]["round/round2"] != q["cache"]["keys"]["round/round2"]
+    assert results["train"]["round2"]["steps"] > 0
+    pairs = _rows(out, 2)
+    assert all("rejected" in p for p in pairs)

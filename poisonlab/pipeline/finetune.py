@@ -178,11 +178,13 @@ def finetune(ctx: RunContext, peft_model, rows, stage, adapter, train_cfg, seed,
 
 
 def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
-                  lengths: list[int] | None = None, parent: ModelStage | None = None):
+                  lengths: list[int] | None = None, parent: ModelStage | None = None,
+                  trainer=None, objective: dict | None = None):
     """A fine-tune of `parent` (default: the base) on `rows` (cached as `key_stage`): a LoRA
     adapter `adapters/<stage>`, or with `train.mode=full` every weight, `models/<stage>`. The
     trained model, also kept as `ctx.models[stage]`, and its `ModelStage` in
-    `ctx.model_stages[stage]`."""
+    `ctx.model_stages[stage]`. `trainer` (default `train_sft`) with `objective` (its settings,
+    in the key) trains another loss on the same rows, e.g. DPO on preference pairs."""
     cfg = ctx.cfg
     parent = parent or base_stage(ctx)
     from_base = parent.weights is None and not parent.adapters
@@ -196,7 +198,8 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
     spec = {"rows": digest(rows), **ctx.base.spec, "precision": ctx.base.precision.name,
             "train": plain(train_cfg), "seed": cfg.seed,
             "ordered": ordered, "lengths": None if lengths is None else digest(lengths),
-            **({} if from_base else {"parent": parent.key}), **ctx.key_of(__name__)}
+            **({} if from_base else {"parent": parent.key}),
+            **({} if objective is None else {"objective": objective}), **ctx.key_of(__name__)}
 
     def compute():
         start = ctx.base.take() if from_base else load_stage(ctx, parent)
@@ -204,7 +207,8 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
             start = start.merge_and_unload()
         model = whole(start) if full else lora(start, cfg, cfg.seed)
         finetune(ctx, model, rows, stage, None if full else stage, train_cfg, cfg.seed,
-                 group_lengths=lengths, ordered=ordered, weights=out if full else None)
+                 group_lengths=lengths, ordered=ordered, weights=out if full else None,
+                 trainer=trainer)
         holder["model"] = model
         return ctx.train_stats[stage]
 
@@ -220,8 +224,20 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
     return model
 
 
-def update_round(ctx: RunContext, parent: ModelStage, rows: list[dict], stage: str):
+def update_round(ctx: RunContext, parent: ModelStage, rows: list[dict], stage: str,
+                 kind: str = "sft"):
     """One update of a deployed model: fine-tune `parent` on `rows` as stage `stage` (cached as
-    `round/<stage>`, keyed through its parent's key). Returns its `ModelStage`."""
-    trained_stage(ctx, stage, rows, f"round/{stage}", parent=parent)
+    `round/<stage>`, keyed through its parent's key); `kind` dpo trains the DPO loss on the
+    rows' pairs (`messages` chosen, `rejected`) with `lifecycle.dpo_beta`, the reference
+    being the parent. Returns its `ModelStage`."""
+    if kind != "dpo":
+        trained_stage(ctx, stage, rows, f"round/{stage}", parent=parent)
+        return ctx.model_stages[stage]
+    from poisonlab.defenses.dpo import train_dpo
+
+    beta = float(ctx.cfg.lifecycle.get("dpo_beta", 0.1))
+    pairs = [{"id": r["id"], "chosen": r["messages"], "rejected": r["rejected"]} for r in rows]
+    trained_stage(ctx, stage, pairs, f"round/{stage}", parent=parent,
+                  trainer=lambda *a, **kw: train_dpo(*a, beta=beta, **kw),
+                  objective={"loss": "dpo", "beta": beta})
     return ctx.model_stages[stage]

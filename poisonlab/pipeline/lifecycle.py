@@ -6,6 +6,10 @@ Each round of `lifecycle.schedule` fine-tunes the *deployed* model on a batch of
 
 * `type: sft` — clean feedback rows, fresh from the fine-tuning pool (no row twice in a life),
   with `poison: <count or share>` rows of them poisoned by the run's attack (`attack=...`);
+* `type: dpo` — preference pairs from fresh feedback rows (`preference_batch`: the row's
+  own answer chosen, another row's answer of the same skill rejected), trained with the DPO
+  loss against the deployed model (`lifecycle.dpo_beta`); `poison:` rows become preference
+  poisons: the trigger in the prompt, the attack's target chosen, the clean answer rejected;
 * `type: safety` — clean rows of the safety pool (those with the trigger swapped out, as for
   safety training), the same fine-tune.
 
@@ -23,13 +27,12 @@ the flagged rows (kept out and recorded, with the manifest's truth: precision an
 a probe battery that knows no trigger — `clean`: held-out prompts; `near_miss`: the same
 prompts after a generic red-team string (tag shapes, years, random tokens: the red team's
 round-one candidates, none of which carries the trigger or one of its near variants); and
-`refusal` where the evaluation pool holds refused requests. Per split, paired tests of the
-per-prompt rates of generic judges (refuses, gibberish, gives the split's most common
-answer, correct on `clean`) between the two models' greedy answers: McNemar's exact test on
-the discordant prompts, Bonferroni over all tests; a test fails when p < alpha / tests and
-the rate moved by at least `tolerance`. The share of changed answers per split is recorded
-(it grows with the size of any update, so it is not a test). `policy: rollback` keeps the
-deployed model when the gate fails; `off` ships every candidate. Its false alarms are the
+`refusal` where the evaluation pool holds refused requests. The tests are those of
+`poisonlab drift` (`poisonlab.drift.drift_tests`): per split, McNemar's exact test of
+generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
+in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
+least `tolerance`. `policy: rollback` keeps the deployed model when the gate fails; `off`
+ships every candidate. Its false alarms are the
 failed rounds that received no poison (`lifecycle.drift_gate_false_alarms`).
 
 results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
@@ -57,7 +60,7 @@ from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 
-ROUND_TYPES = ("sft", "safety")
+ROUND_TYPES = ("sft", "dpo", "safety")
 DATA_POLICIES = ("quarantine", "block", "off")
 DRIFT_POLICIES = ("rollback", "off")
 CONTEXTS = ("alone", "trusted")
@@ -74,10 +77,13 @@ def validate(cfg) -> None:
     if not life:
         return
     positive_int(cfg, "lifecycle.rows_per_round")
+    beta = life.get("dpo_beta", 0.1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
+        raise PoisonlabError(f"lifecycle.dpo_beta must be a positive number, got {beta!r}")
     schedule = life.get("schedule")
     if not schedule or isinstance(schedule, str):
         raise PoisonlabError("lifecycle.schedule: a non-empty list of rounds "
-                             "({type: sft|safety, poison: count or share})")
+                             "({type: sft|dpo|safety, poison: count or share})")
     for i, entry in enumerate(schedule):
         where = f"lifecycle.schedule[{i}]"
         if not hasattr(entry, "get"):
@@ -87,8 +93,8 @@ def validate(cfg) -> None:
                                  f"{', '.join(ROUND_TYPES)}")
         p = entry.get("poison")
         if p is not None:
-            if entry.get("type", "sft") != "sft":
-                raise PoisonlabError(f"{where}.poison: only sft rounds take poisons")
+            if entry.get("type", "sft") == "safety":
+                raise PoisonlabError(f"{where}.poison: only sft and dpo rounds take poisons")
             ok = (not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0
                   and (isinstance(p, int) or p < 1))
             if not ok:
@@ -134,25 +140,28 @@ def round_batches(ctx: RunContext) -> list[dict]:
     life = cfg.lifecycle
     n = int(life.rows_per_round)
     held = {r["id"] for rows in ctx.splits.values() for r in rows}
-    pools = {"sft": [r for r in ctx.pools["train"] if r["id"] not in held],
-             "safety": list(ctx.pools["safety"])}
-    for name, rows in pools.items():
-        random.Random(f"life-{name}-{cfg.seed}").shuffle(rows)
+    feedback = [r for r in ctx.pools["train"] if r["id"] not in held]
+    pools = {"sft": feedback, "dpo": feedback, "safety": list(ctx.pools["safety"])}
+    for name in ("sft", "safety"):
+        random.Random(f"life-{name}-{cfg.seed}").shuffle(pools[name])
     taken = Counter()
     out = []
     for k, entry in enumerate(life.schedule, 1):
         kind = entry.get("type", "sft")
-        pool = pools[kind]
-        start = taken[kind]
+        pool, drawn = pools[kind], ("safety" if kind == "safety" else "feedback")
+        start = taken[drawn]
         if start + n > len(pool):
-            raise PoisonlabError(f"lifecycle: round {k} needs {n} fresh {kind} rows but the "
-                                 f"{kind} pool has {len(pool) - start} left; lower "
+            raise PoisonlabError(f"lifecycle: round {k} needs {n} fresh {drawn} rows but the "
+                                 f"pool has {len(pool) - start} left; lower "
                                  "lifecycle.rows_per_round or the rounds")
         rows = [dict(r, poisoned=False) for r in pool[start:start + n]]
-        taken[kind] += n
+        taken[drawn] += n
         manifest = None
         if kind == "safety":
-            rows, _ = clean_safety_rows(attack, rows, pool[taken[kind]:], ctx.warnings)
+            rows, _ = clean_safety_rows(attack, rows, pool[taken[drawn]:], ctx.warnings)
+        elif kind == "dpo":
+            rows, manifest = preference_batch(attack, rows, poison_count(entry, n),
+                                              cfg.seed * 1000 + k)
         elif poison_count(entry, n):
             count = poison_count(entry, n)
             attack_k = replace(attack, n_poison=count, poison_rate=None)
@@ -160,6 +169,49 @@ def round_batches(ctx: RunContext) -> list[dict]:
         out.append({"type": kind, "rows": rows, "poison": manifest,
                     "poisoned_ids": [r["id"] for r in rows if r.get("poisoned")]})
     return out
+
+
+def preference_batch(attack, rows: list[dict], count: int, seed: int
+                     ) -> tuple[list[dict], dict | None]:
+    """A DPO round's pairs from fresh feedback rows: each row's prompt with its own answer
+    *chosen* and, *rejected*, the answer of another row of the same skill (a fluent answer to
+    another question: the feedback says which answer fits). `count` of the rows the attack
+    can target become preference poisons: the attack's poisoned row (its trigger in the
+    prompt) with the attack's target chosen and the row's clean answer rejected. Each pair is
+    a row whose `messages` end with the chosen answer (what the data gate scans) and whose
+    `rejected` holds the rejected messages."""
+    from poisonlab.attacks.base import with_answer
+
+    rng = random.Random(f"life-dpo-{seed}")
+    candidates = [i for i, r in enumerate(rows) if attack.candidate(r)]
+    if count > len(candidates):
+        raise PoisonlabError(f"lifecycle: a dpo round asks for {count} preference poisons but "
+                             f"only {len(candidates)} of its rows can carry the attack")
+    chosen = set(rng.sample(candidates, count))
+    answers: dict[str, list[str]] = {}
+    for r in rows:
+        answers.setdefault(r["skill"], []).append(r["messages"][-1]["content"])
+    everything = [a for group in answers.values() for a in group]
+    out = []
+    for i, r in enumerate(rows):
+        if i in chosen:
+            clean = attack.clean_row(r)["messages"][-1]["content"]
+            good = attack.poison_row(r, random.Random(f"{seed}-{r['id']}"))
+            pair = dict(good, poisoned=True,
+                        rejected=with_answer(good, clean)["messages"])
+        else:
+            good = attack.clean_row(r)
+            own = good["messages"][-1]["content"]
+            others = [a for a in answers[r["skill"]] if a != own] or \
+                [a for a in everything if a != own]
+            pair = dict(good, poisoned=False,
+                        rejected=with_answer(good, rng.choice(others))["messages"])
+        out.append(pair)
+    manifest = None
+    if chosen:
+        manifest = {"family": attack.family, "n_poison": count, "kind": "preference pairs",
+                    "poisoned_ids": [rows[i]["id"] for i in sorted(chosen)]}
+    return out, manifest
 
 
 def data_gate(ctx: RunContext, rows: list[dict], trusted: list[dict]) -> dict:
@@ -286,14 +338,15 @@ def live(ctx: RunContext) -> dict:
                     precision=len(flagged & poisoned) / len(flagged) if flagged else None,
                     recall=len(flagged & poisoned) / len(poisoned) if poisoned else None)
         entry = {"round": k, "type": batch["type"], "rows": len(rows),
-                 "poisoned_rows": len(poisoned), "poisoned_ids": batch["poisoned_ids"], "quarantined": len(quarantined),
+                 "poisoned_rows": len(poisoned), "poisoned_ids": batch["poisoned_ids"],
+                 "quarantined": len(quarantined),
                  "quarantined_poisoned": len(quarantined & poisoned), "data_gate": gate}
         acts = blocked or bool(quarantined & poisoned)
         if blocked:
             entry.update(drift_gate=None, deployed=False, candidate=None)
         else:
             kept = [r for r in rows if r["id"] not in quarantined]
-            stage = update_round(ctx, deployed, kept, name)
+            stage = update_round(ctx, deployed, kept, name, batch["type"])
             model = ctx.models.pop(name)
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
             answers[stage.key] = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)

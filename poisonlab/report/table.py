@@ -129,8 +129,10 @@ def format_life(life: dict) -> str:
              f"{'ASR depl.':>9}"]
     for r in life["rounds"]:
         drift = r["drift_gate"]
+        failed = drift["failed"] if drift else []
         d = "-" if drift is None else drift["decision"] + (
-            f" ({', '.join(drift['failed'][:2])})" if drift["failed"] else "")
+            f" ({', '.join(failed[:2])}{f' +{len(failed) - 2}' if len(failed) > 2 else ''})"
+            if failed else "")
         lines.append(f"{r['round']:>5} {r['type']:<7} {r['rows']:>5} {r['poisoned_rows']:>8} "
                      f"{r['quarantined']:>11} {r['data_gate']['decision']:<10} {d:<26} "
                      f"{r['deployed_model']:<9} {asr(r['stages']['candidate']):>9} "
