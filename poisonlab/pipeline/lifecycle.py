@@ -68,6 +68,11 @@ CONTEXTS = ("alone", "trusted")
 
 # ----------------------------------------------------------------------------- config
 
+def policy_of(gate) -> str:
+    """A gate's policy; YAML reads a bare `off` as false, which means `off` here."""
+    return "off" if gate.get("policy") is False else gate.get("policy")
+
+
 def validate(cfg) -> None:
     """The `lifecycle` block, before any work (one-line errors naming the key)."""
     from poisonlab.config import positive_int
@@ -101,7 +106,7 @@ def validate(cfg) -> None:
                 raise PoisonlabError(f"{where}.poison: a count (int >= 0) or a share in "
                                      f"[0, 1), got {p!r}")
     gate = life.data_gate
-    if gate.policy not in DATA_POLICIES:
+    if policy_of(gate) not in DATA_POLICIES:
         raise PoisonlabError(f"lifecycle.data_gate.policy: {gate.policy!r} is not one of "
                              f"{', '.join(DATA_POLICIES)}")
     if gate.get("context", "alone") not in CONTEXTS:
@@ -112,7 +117,7 @@ def validate(cfg) -> None:
         raise PoisonlabError(f"lifecycle.data_gate.detectors: unknown {bad or 'empty'}; "
                              f"choose from {', '.join(DETECTORS)}")
     drift = life.drift_gate
-    if drift.policy not in DRIFT_POLICIES:
+    if policy_of(drift) not in DRIFT_POLICIES:
         raise PoisonlabError(f"lifecycle.drift_gate.policy: {drift.policy!r} is not one of "
                              f"{', '.join(DRIFT_POLICIES)}")
     positive_int(cfg, "lifecycle.drift_gate.n_probes")
@@ -219,7 +224,7 @@ def data_gate(ctx: RunContext, rows: list[dict], trusted: list[dict]) -> dict:
     from poisonlab.scan import scan_rows
 
     gate = ctx.cfg.lifecycle.data_gate
-    if gate.policy == "off" and not gate.get("record_when_off", True):
+    if policy_of(gate) == "off" and not gate.get("record_when_off", True):
         return {"flagged": [], "detectors": {}}
     # the detectors see the rows as a user's file holds them: no poison mark
     blind = [{"id": r["id"], "skill": r["skill"], "messages": r["messages"]} for r in rows]
@@ -327,7 +332,7 @@ def live(ctx: RunContext) -> dict:
             first_poison = k
         gate = data_gate(ctx, rows, trusted)
         flagged = set(gate["flagged"])
-        policy = life.data_gate.policy
+        policy = policy_of(life.data_gate)
         quarantined = flagged if policy == "quarantine" else set()
         write_jsonl(ctx.out / "data" / "rounds" / f"{name}.jsonl",
                     [dict(r, quarantined=r["id"] in quarantined) for r in rows])
@@ -354,8 +359,8 @@ def live(ctx: RunContext) -> dict:
             drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
                                 float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
                                 cfg.seed)
-            drift["policy"] = life.drift_gate.policy
-            ship = drift["decision"] == "pass" or life.drift_gate.policy == "off"
+            drift["policy"] = policy_of(life.drift_gate)
+            ship = drift["decision"] == "pass" or drift["policy"] == "off"
             acts = acts or (drift["decision"] == "fail" and bool(poisoned or first_poison))
             entry.update(drift_gate=drift, deployed=ship, candidate=name)
             lineage.append({"model": name, "key": stage.key, "parent": deployed_name,
