@@ -65,8 +65,10 @@ def main() -> None:
     names = (args.only.split(",") if args.only else
              sorted(x.stem for x in (ROOT / "conf" / "experiment").glob("*.yaml")
                     if x.stem not in SKIP_BY_DEFAULT
-                    # sweep presets (hydra.mode: MULTIRUN) are grids, not one run
-                    and "mode: MULTIRUN" not in x.read_text()))
+                    # sweep presets (hydra.mode: MULTIRUN) are grids, not one run; lives
+                    # (lifecycle*) have rounds, not stages: scripts/lifecycle_study.py
+                    and "mode: MULTIRUN" not in x.read_text()
+                    and not x.stem.startswith("lifecycle")))
     parent = Path(args.out or ROOT / "runs" / "presets" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     rows = []
     for name in names:

