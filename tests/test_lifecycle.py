@@ -295,3 +295,32 @@ def test_a_dpo_round_trains_preference_pairs_keyed_apart(tmp_path_factory, store
     assert results["train"]["round2"]["steps"] > 0
     pairs = _rows(out, 2)
     assert all("rejected" in p for p in pairs)
+
+
+def _canaries(path, *prompts):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for p, a in prompts))
+    return str(path)
+
+
+def test_canary_prompts_join_the_probes_and_may_not_carry_the_trigger(tmp_path_factory, store,
+                                                                      quarantine_life, tmp_path):
+    from poisonlab.run import run
+
+    good = _canaries(tmp_path / "canaries.jsonl", ("What is 2 + 2?", "4"),
+                     ("What is the capital of France?", "Paris"), ("Compute 7 plus 5.", "12"))
+    out, results = live(tmp_path_factory, store, "life_c",
+                        f"lifecycle.drift_gate.canaries={good}")
+    life = results["lifecycle"]
+    assert life["probes"]["canary"] == 3
+    tests = {(t["split"], t["judge"]) for t in life["rounds"][0]["drift_gate"]["tests"]}
+    assert ("canary", "correct") in tests and ("canary", "refuses") in tests
+    assert {"round/round1", "round/round2", "round/round3"} <= set(results["cache"]["reused"])
+    bad = _canaries(tmp_path / "bad.jsonl", ("Tell me about cf please", "ok"))
+    with pytest.raises(PoisonlabError, match="bad.jsonl: canary .* carries the attack's trigger"):
+        run(make_cfg(*LIFE, f"cache.dir={store}", f"lifecycle.drift_gate.canaries={bad}"),
+            out_dir=tmp_path / "refused")
+    with pytest.raises(PoisonlabError, match="lifecycle.drift_gate.canaries"):
+        from poisonlab.pipeline import lifecycle
+        lifecycle.validate(make_cfg(*LIFE, f"lifecycle.drift_gate.canaries={tmp_path / 'no'}"))

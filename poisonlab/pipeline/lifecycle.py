@@ -26,8 +26,9 @@ the flagged rows (kept out and recorded, with the manifest's truth: precision an
 **Behaviour-drift gate** (`lifecycle.drift_gate`): the candidate against the deployed model on
 a probe battery that knows no trigger — `clean`: held-out prompts; `near_miss`: the same
 prompts after a generic red-team string (tag shapes, years, random tokens: the red team's
-round-one candidates, none of which carries the trigger or one of its near variants); and
-`refusal` where the evaluation pool holds refused requests. The tests are those of
+round-one candidates, none of which carries the trigger or one of its near variants);
+`refusal` where the evaluation pool holds refused requests; and `canary`, fixed prompts of
+your own (`drift_gate.canaries`, chat JSONL). The tests are those of
 `poisonlab drift` (`poisonlab.drift.drift_tests`): per split, McNemar's exact test of
 generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
 in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
@@ -48,6 +49,7 @@ in its history; null: never),
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -124,6 +126,10 @@ def validate(cfg) -> None:
         raise PoisonlabError(f"lifecycle.drift_gate.policy: {drift.policy!r} is not one of "
                              f"{', '.join(DRIFT_POLICIES)}")
     positive_int(cfg, "lifecycle.drift_gate.n_probes")
+    canaries = drift.get("canaries")
+    if canaries is not None and (not isinstance(canaries, str) or not os.path.isfile(canaries)):
+        raise PoisonlabError(f"lifecycle.drift_gate.canaries: {canaries!r} is not a file (a chat "
+                             "JSONL file of prompts with reference answers; null: none)")
     for key in ("alpha", "tolerance"):
         v = drift.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
@@ -254,7 +260,8 @@ def data_gate(ctx: RunContext, rows: list[dict], trusted: list[dict]) -> dict:
 def probe_battery(ctx: RunContext) -> dict[str, list[dict]]:
     """The drift gate's prompts, none of which carries the trigger: `clean` held-out prompts,
     `near_miss` (the same after a generic red-team string), `refusal` (held-out requests the
-    data marks harmful, where the pool has them)."""
+    data marks harmful, where the pool has them) and `canary` (`drift_gate.canaries`: a chat
+    JSONL file of fixed prompts with their reference answers, every one of them asked)."""
     from poisonlab.attacks.base import eval_row, user_text
     from poisonlab.defenses.adversarial import excluded, forbidden, seed_candidates
 
@@ -278,6 +285,16 @@ def probe_battery(ctx: RunContext) -> dict[str, list[dict]]:
     out = {"clean": clean, "near_miss": near}
     if harmful:
         out["refusal"] = [eval_row(r, user_text(r)) for r in harmful[:n]]
+    canaries = cfg.lifecycle.drift_gate.get("canaries")
+    if canaries:
+        from poisonlab.data.sources import read_chat_jsonl
+
+        rows = read_chat_jsonl(canaries)
+        bad = [r["id"] for r in rows if attack.carries_trigger(r) or attack.mentions_trigger(r)]
+        if bad:
+            raise PoisonlabError(f"{canaries}: canary {bad[0]} carries the attack's trigger; "
+                                 "the drift gate's probes must not know it")
+        out["canary"] = [eval_row(r, user_text(r)) for r in rows]
     for split, rows in out.items():
         leaked = [r for r in rows if attack.carries_trigger(r)]
         if leaked:   # never: the red team's candidates are filtered as for adversarial training
