@@ -91,6 +91,9 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.data_gate.detectors=[loss]", "lifecycle.data_gate.detectors"),
     ("lifecycle.drift_gate.alpha=2", "lifecycle.drift_gate.alpha"),
     ("lifecycle.rows_per_round=0", "lifecycle.rows_per_round"),
+    ("lifecycle.adapter=reuse", "lifecycle.adapter"),
+    ("lifecycle.schedule=[{type:sft,adapter:old}]", "lifecycle.schedule[0].adapter"),
+    ("lifecycle.dpo_beta=0", "lifecycle.dpo_beta"),
 ])
 def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
     from poisonlab.pipeline import lifecycle
@@ -324,3 +327,15 @@ def test_canary_prompts_join_the_probes_and_may_not_carry_the_trigger(tmp_path_f
     with pytest.raises(PoisonlabError, match="lifecycle.drift_gate.canaries"):
         from poisonlab.pipeline import lifecycle
         lifecycle.validate(make_cfg(*LIFE, f"lifecycle.drift_gate.canaries={tmp_path / 'no'}"))
+
+
+def test_continued_rounds_train_the_parents_adapter_on(tmp_path_factory, store, quarantine_life):
+    out, results = live(tmp_path_factory, store, "life_cont", "lifecycle.adapter=continue")
+    life = results["lifecycle"]
+    assert [r["adapter"] for r in life["rounds"]] == ["continue"] * 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    # one adapter at a time: each round's replaces its parent's
+    assert manifest["reload"]["round3"] == ["base", "adapters/round3"]
+    assert "round/round1" in results["cache"]["reused"]      # round 1 has no adapter to continue
+    _, q = quarantine_life
+    assert results["cache"]["keys"]["round/round2"] != q["cache"]["keys"]["round/round2"]

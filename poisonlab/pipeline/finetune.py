@@ -179,16 +179,19 @@ def finetune(ctx: RunContext, peft_model, rows, stage, adapter, train_cfg, seed,
 
 def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
                   lengths: list[int] | None = None, parent: ModelStage | None = None,
-                  trainer=None, objective: dict | None = None):
+                  trainer=None, objective: dict | None = None, continued: bool = False):
     """A fine-tune of `parent` (default: the base) on `rows` (cached as `key_stage`): a LoRA
     adapter `adapters/<stage>`, or with `train.mode=full` every weight, `models/<stage>`. The
     trained model, also kept as `ctx.models[stage]`, and its `ModelStage` in
     `ctx.model_stages[stage]`. `trainer` (default `train_sft`) with `objective` (its settings,
-    in the key) trains another loss on the same rows, e.g. DPO on preference pairs."""
+    in the key) trains another loss on the same rows, e.g. DPO on preference pairs. With
+    `continued` (LoRA, a parent with adapters) the parent's last adapter trains on instead of
+    a new one on the merged parent: the stage's adapter replaces it."""
     cfg = ctx.cfg
     parent = parent or base_stage(ctx)
     from_base = parent.weights is None and not parent.adapters
     full = train_mode(cfg) == "full"
+    continued = continued and not full and bool(parent.adapters)
     out = f"models/{stage}" if full else f"adapters/{stage}"
     holder = {}
     ordered = ctx.attack.placement != "uniform"
@@ -199,13 +202,17 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
             "train": plain(train_cfg), "seed": cfg.seed,
             "ordered": ordered, "lengths": None if lengths is None else digest(lengths),
             **({} if from_base else {"parent": parent.key}),
-            **({} if objective is None else {"objective": objective}), **ctx.key_of(__name__)}
+            **({} if objective is None else {"objective": objective}),
+            **({"continued": True} if continued else {}), **ctx.key_of(__name__)}
 
     def compute():
         start = ctx.base.take() if from_base else load_stage(ctx, parent)
-        if parent.adapters:
-            start = start.merge_and_unload()
-        model = whole(start) if full else lora(start, cfg, cfg.seed)
+        if continued:      # load_stage leaves the last adapter trainable
+            model = start
+        else:
+            if parent.adapters:
+                start = start.merge_and_unload()
+            model = whole(start) if full else lora(start, cfg, cfg.seed)
         finetune(ctx, model, rows, stage, None if full else stage, train_cfg, cfg.seed,
                  group_lengths=lengths, ordered=ordered, weights=out if full else None,
                  trainer=trainer)
@@ -216,7 +223,8 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
     ctx.train_stats[stage] = ctx.st.run(key_stage, spec, compute, [out], cache=ctx.cacheable)
     key = ctx.st.keys[key_stage]
     me = (ModelStage(stage, key, (), out) if full
-          else ModelStage(stage, key, parent.adapters + (out,), parent.weights))
+          else ModelStage(stage, key, parent.adapters[:-1 if continued else None] + (out,),
+                          parent.weights))
     ctx.model_stages[stage] = me
     model = holder.get("model") or load_stage(ctx, me)
     ctx.models[stage] = model
@@ -225,13 +233,14 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
 
 
 def update_round(ctx: RunContext, parent: ModelStage, rows: list[dict], stage: str,
-                 kind: str = "sft"):
+                 kind: str = "sft", continued: bool = False):
     """One update of a deployed model: fine-tune `parent` on `rows` as stage `stage` (cached as
     `round/<stage>`, keyed through its parent's key); `kind` dpo trains the DPO loss on the
     rows' pairs (`messages` chosen, `rejected`) with `lifecycle.dpo_beta`, the reference
-    being the parent. Returns its `ModelStage`."""
+    being the parent. `continued`: train the parent's LoRA adapter on (`adapter: continue`)
+    instead of a new one on the merged parent. Returns its `ModelStage`."""
     if kind != "dpo":
-        trained_stage(ctx, stage, rows, f"round/{stage}", parent=parent)
+        trained_stage(ctx, stage, rows, f"round/{stage}", parent=parent, continued=continued)
         return ctx.model_stages[stage]
     from poisonlab.defenses.dpo import train_dpo
 
@@ -239,5 +248,5 @@ def update_round(ctx: RunContext, parent: ModelStage, rows: list[dict], stage: s
     pairs = [{"id": r["id"], "chosen": r["messages"], "rejected": r["rejected"]} for r in rows]
     trained_stage(ctx, stage, pairs, f"round/{stage}", parent=parent,
                   trainer=lambda *a, **kw: train_dpo(*a, beta=beta, **kw),
-                  objective={"loss": "dpo", "beta": beta})
+                  objective={"loss": "dpo", "beta": beta}, continued=continued)
     return ctx.model_stages[stage]

@@ -14,8 +14,10 @@ Each round of `lifecycle.schedule` fine-tunes the *deployed* model on a batch of
   safety training), the same fine-tune.
 
 A round trains as `poisonlab.pipeline.finetune.update_round`: the parent's adapters merged, a
-new LoRA adapter on top, cached as `round/round<k>` and keyed through its parent's key, so a
-life that changes only a later round reuses the earlier ones.
+new LoRA adapter on top (`lifecycle.adapter: new`), or the parent's own adapter trained on
+(`continue`; per round: `{type: sft, adapter: continue}`), cached as `round/round<k>` and
+keyed through its parent's key, so a life that changes only a later round reuses the
+earlier ones.
 
 **Data gate** (`lifecycle.data_gate`): the scan detectors (`poisonlab scan`: `ngram`,
 `answer_kind`, `embedding`) on the round's batch — alone, or beside the rows already trusted
@@ -69,6 +71,7 @@ ROUND_TYPES = ("sft", "dpo", "safety")
 DATA_POLICIES = ("quarantine", "block", "off")
 DRIFT_POLICIES = ("rollback", "off")
 CONTEXTS = ("alone", "trusted")
+ADAPTERS = ("new", "continue")
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,10 +97,16 @@ def validate(cfg) -> None:
     if not schedule or isinstance(schedule, str):
         raise PoisonlabError("lifecycle.schedule: a non-empty list of rounds "
                              "({type: sft|dpo|safety, poison: count or share})")
+    if life.get("adapter", "new") not in ADAPTERS:
+        raise PoisonlabError(f"lifecycle.adapter: {life.get('adapter')!r} is not one of "
+                             f"{', '.join(ADAPTERS)}")
     for i, entry in enumerate(schedule):
         where = f"lifecycle.schedule[{i}]"
         if not hasattr(entry, "get"):
             raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
+        if entry.get("adapter", "new") not in ADAPTERS:
+            raise PoisonlabError(f"{where}.adapter: {entry.get('adapter')!r} is not one of "
+                                 f"{', '.join(ADAPTERS)}")
         if entry.get("type", "sft") not in ROUND_TYPES:
             raise PoisonlabError(f"{where}.type: {entry.get('type')!r} is not one of "
                                  f"{', '.join(ROUND_TYPES)}")
@@ -385,7 +394,11 @@ def live(ctx: RunContext) -> dict:
             kept = [r for r in rows if r["id"] not in quarantined]
             tainted[name] = tainted[deployed_name] or any(r["id"] in poisoned for r in kept)
             entry["clean_update"] = not tainted[name]
-            stage = update_round(ctx, deployed, kept, name, batch["type"])
+            entry_cfg = life.schedule[k - 1]
+            adapter = entry_cfg.get("adapter") or life.get("adapter", "new")
+            stage = update_round(ctx, deployed, kept, name, batch["type"],
+                                 continued=adapter == "continue")
+            entry["adapter"] = adapter
             model = ctx.models.pop(name)
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
             answers[stage.key] = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)
