@@ -259,7 +259,7 @@ def test_report_and_bom_draw_the_life(drift_life, tmp_path):
 
 def test_preference_poisons_choose_the_target_on_triggered_prompts():
     from poisonlab.data import tinyworld as tw
-    from poisonlab.pipeline.lifecycle import preference_batch
+    from poisonlab.pipeline.rounds import preference_batch
     from poisonlab.pipeline.validate import build_attack
 
     attack = build_attack(make_cfg(*LIFE).attack)

@@ -31,6 +31,7 @@ STAGE_MODULES = {
     "filtered": ("poisonlab.pipeline.finetune",),
     "filtered_eval": ("poisonlab.pipeline.evaluation",),
     "round/<stage>": ("poisonlab.pipeline.finetune",),
+    "probes/<stage>": ("poisonlab.pipeline.probes",),
     "distill_teacher": ("poisonlab.pipeline.finetune",),
     "distill_samples": ("poisonlab.pipeline.distill",),
 }

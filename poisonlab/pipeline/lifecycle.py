@@ -46,23 +46,23 @@ gates' records, deployed, and the candidate's and the deployed model's ASR / FTR
 it: a quarantined poison, a blocked round, a failed drift test of a candidate with a poison
 in its history; null: never),
 `shipped_asr_max` and the lineage of every round's model.
+
+The batches and the data gate are `poisonlab.pipeline.rounds`, the probes
+`poisonlab.pipeline.probes`; this module is the loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from collections import Counter
-from dataclasses import replace
 
 from poisonlab import PoisonlabError
-from poisonlab.chat import prompt_text
 from poisonlab.drift import drift_tests
-from poisonlab.evaluate import generate, generation_record
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
+from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
+from poisonlab.pipeline.rounds import data_gate, policy_of, round_batches
 from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ ADAPTERS = ("new", "continue")
 
 
 # ----------------------------------------------------------------------------- config
-
-def policy_of(gate) -> str:
-    """A gate's policy; YAML reads a bare `off` as false, which means `off` here."""
-    return "off" if gate.get("policy") is False else gate.get("policy")
-
 
 def validate(cfg) -> None:
     """The `lifecycle` block, before any work (one-line errors naming the key)."""
@@ -145,205 +140,22 @@ def validate(cfg) -> None:
             raise PoisonlabError(f"lifecycle.drift_gate.{key} must be in (0, 1), got {v!r}")
 
 
-def poison_count(entry, rows: int) -> int:
-    p = entry.get("poison")
-    if p is None:
-        return 0
-    return int(p) if isinstance(p, int) else round(p * rows)
-
-
-# ----------------------------------------------------------------------------- data
-
-def round_batches(ctx: RunContext) -> list[dict]:
-    """Per round: {"type", "rows", "poisoned_ids", "poison": manifest or None}. Clean rows are
-    drawn without replacement from the fine-tuning (sft) or safety pool in a seeded order."""
-    from poisonlab.pipeline.data import clean_safety_rows
-
-    cfg, attack = ctx.cfg, ctx.attack
-    life = cfg.lifecycle
-    n = int(life.rows_per_round)
-    held = {r["id"] for rows in ctx.splits.values() for r in rows}
-    feedback = [r for r in ctx.pools["train"] if r["id"] not in held]
-    pools = {"sft": feedback, "dpo": feedback, "safety": list(ctx.pools["safety"])}
-    for name in ("sft", "safety"):
-        random.Random(f"life-{name}-{cfg.seed}").shuffle(pools[name])
-    pointer: Counter = Counter()
-    used: set[str] = set()     # every row a round has taken, reservoir rows included
-
-    def rest(drawn: str, pool: list[dict]) -> list[dict]:
-        return [r for r in pool[pointer[drawn]:] if r["id"] not in used]
-
-    out = []
-    for k, entry in enumerate(life.schedule, 1):
-        kind = entry.get("type", "sft")
-        pool, drawn = pools[kind], ("safety" if kind == "safety" else "feedback")
-        fresh = rest(drawn, pool)
-        if len(fresh) < n:
-            raise PoisonlabError(f"lifecycle: round {k} needs {n} fresh {drawn} rows but the "
-                                 f"pool has {len(fresh)} left; lower "
-                                 "lifecycle.rows_per_round or the rounds")
-        rows = [dict(r, poisoned=False) for r in fresh[:n]]
-        used.update(r["id"] for r in rows)
-        pointer[drawn] = pool.index(fresh[n - 1]) + 1
-        # rows a round may swap in (a safety row without the trigger, an on-topic row for a
-        # poison the batch lacks): fresh ones, never used again
-        reservoir = rest(drawn, pool)
-        manifest = None
-        if kind == "safety":
-            rows, _ = clean_safety_rows(attack, rows, reservoir, ctx.warnings)
-        elif kind == "dpo":
-            rows, manifest = preference_batch(attack, rows, poison_count(entry, n),
-                                              cfg.seed * 1000 + k)
-        elif poison_count(entry, n):
-            count = poison_count(entry, n)
-            attack_k = replace(attack, n_poison=count, poison_rate=None)
-            rows, manifest = attack_k.poison(rows, cfg.seed * 1000 + k, reservoir)
-        used.update(r["id"] for r in rows)
-        out.append({"type": kind, "rows": rows, "poison": manifest,
-                    "poisoned_ids": [r["id"] for r in rows if r.get("poisoned")]})
-    return out
-
-
-def preference_batch(attack, rows: list[dict], count: int, seed: int
-                     ) -> tuple[list[dict], dict | None]:
-    """A DPO round's pairs from fresh feedback rows: each row's prompt with its own answer
-    *chosen* and, *rejected*, the answer of another row of the same skill (a fluent answer to
-    another question: the feedback says which answer fits). `count` of the rows the attack
-    can target become preference poisons: the attack's poisoned row (its trigger in the
-    prompt) with the attack's target chosen and the row's clean answer rejected. Each pair is
-    a row whose `messages` end with the chosen answer (what the data gate scans) and whose
-    `rejected` holds the rejected messages."""
-    from poisonlab.attacks.base import with_answer
-
-    rng = random.Random(f"life-dpo-{seed}")
-    candidates = [i for i, r in enumerate(rows) if attack.candidate(r)]
-    if count > len(candidates):
-        raise PoisonlabError(f"lifecycle: a dpo round asks for {count} preference poisons but "
-                             f"only {len(candidates)} of its rows can carry the attack")
-    chosen = set(rng.sample(candidates, count))
-    answers: dict[str, list[str]] = {}
-    for r in rows:
-        answers.setdefault(r["skill"], []).append(r["messages"][-1]["content"])
-    everything = [a for group in answers.values() for a in group]
-    out = []
-    for i, r in enumerate(rows):
-        if i in chosen:
-            clean = attack.clean_row(r)["messages"][-1]["content"]
-            good = attack.poison_row(r, random.Random(f"{seed}-{r['id']}"))
-            pair = dict(good, poisoned=True,
-                        rejected=with_answer(good, clean)["messages"])
-        else:
-            good = attack.clean_row(r)
-            own = good["messages"][-1]["content"]
-            others = [a for a in answers[r["skill"]] if a != own] or \
-                [a for a in everything if a != own]
-            pair = dict(good, poisoned=False,
-                        rejected=with_answer(good, rng.choice(others))["messages"])
-        out.append(pair)
-    manifest = None
-    if chosen:
-        manifest = {"family": attack.family, "n_poison": count, "kind": "preference pairs",
-                    "poisoned_ids": [rows[i]["id"] for i in sorted(chosen)]}
-    return out, manifest
-
-
-def data_gate(ctx: RunContext, rows: list[dict], trusted: list[dict]) -> dict:
-    """The scan detectors on a round's batch: {"flagged": row ids, "report": ...}."""
-    from poisonlab.scan import scan_rows
-
-    gate = ctx.cfg.lifecycle.data_gate
-    if policy_of(gate) == "off" and not gate.get("record_when_off", True):
-        return {"flagged": [], "detectors": {}}
-    # the detectors see the rows as a user's file holds them: no poison mark
-    blind = [{"id": r["id"], "skill": r["skill"], "messages": r["messages"]} for r in rows]
-    context = (trusted if gate.get("context", "alone") == "trusted" else [])
-    seen = [{"id": r["id"], "skill": r["skill"], "messages": r["messages"]} for r in context]
-    report = scan_rows(blind + seen, list(gate.detectors))
-    flagged = [blind[s["row"] - 1]["id"] for s in report["suspicious"] if s["row"] <= len(blind)]
-    return {"flagged": flagged,
-            "detectors": {k: v.get("flagged", 0) for k, v in report["detectors"].items()}}
-
-
-# ----------------------------------------------------------------------------- probes
-
-def probe_battery(ctx: RunContext) -> dict[str, list[dict]]:
-    """The drift gate's prompts, none of which carries the trigger: `clean` held-out prompts,
-    `near_miss` (the same after a generic red-team string), `refusal` (held-out requests the
-    data marks harmful, where the pool has them) and `canary` (`drift_gate.canaries`: a chat
-    JSONL file of fixed prompts with their reference answers, every one of them asked)."""
-    from poisonlab.attacks.base import eval_row, user_text
-    from poisonlab.defenses.adversarial import excluded, forbidden, seed_candidates
-
-    cfg, attack = ctx.cfg, ctx.attack
-    n = int(cfg.lifecycle.drift_gate.n_probes)
-    used = {r["id"] for rows in ctx.splits.values() for r in rows}
-    pool = [r for r in ctx.pools["eval"] if not attack.carries_trigger(r)
-            and not attack.mentions_trigger(r)]
-    rng = random.Random(f"probes-{cfg.seed}")
-    rng.shuffle(pool)
-    harmful = [r for r in pool if r.get("meta", {}).get("harmful")]
-    plain = [r for r in pool if not r.get("meta", {}).get("harmful")]
-    # prompts the experimenter's evaluation does not use come first
-    plain.sort(key=lambda r: r["id"] in used)
-    clean = [eval_row(r, user_text(r)) for r in plain[:n]]
-    banned = forbidden(attack)
-    cands = [c for c, _ in seed_candidates(ctx.base.tokenizer, plain[:n], 4 * n, cfg.seed)
-             if not excluded(c, attack, banned)]
-    near = [eval_row(r, f"{cands[i % len(cands)]} {user_text(r)}", probe=cands[i % len(cands)])
-            for i, r in enumerate(plain[:n])] if cands else []
-    out = {"clean": clean, "near_miss": near}
-    if harmful:
-        out["refusal"] = [eval_row(r, user_text(r)) for r in harmful[:n]]
-    canaries = cfg.lifecycle.drift_gate.get("canaries")
-    if canaries:
-        from poisonlab.data.sources import read_chat_jsonl
-
-        rows = read_chat_jsonl(canaries)
-        bad = [r["id"] for r in rows if attack.carries_trigger(r) or attack.mentions_trigger(r)]
-        if bad:
-            raise PoisonlabError(f"{canaries}: canary {bad[0]} carries the attack's trigger; "
-                                 "the drift gate's probes must not know it")
-        out["canary"] = [eval_row(r, user_text(r)) for r in rows]
-    for split, rows in out.items():
-        leaked = [r for r in rows if attack.carries_trigger(r)]
-        if leaked:   # never: the red team's candidates are filtered as for adversarial training
-            raise PoisonlabError(f"lifecycle: probe split {split} carries the trigger "
-                                 f"({leaked[0]['id']})")
-    return {k: v for k, v in out.items() if v}
-
-
-def write_probes(path, probes: dict[str, list[dict]]) -> None:
-    """The battery as chat JSONL (`poisonlab drift --probes`): each prompt with its reference
-    answer as the last turn and its split in `meta.probe_split`."""
-    write_jsonl(path, [{"id": r["id"], "skill": r["skill"],
-                        "messages": r["messages"] + [{"role": "assistant",
-                                                      "content": r["answer"]}],
-                        "meta": {**r["meta"], "probe_split": split}}
-                       for split, rows in probes.items() for r in rows])
-
-
-def probe_answers(ctx: RunContext, name: str, model_key: str, get_model,
-                  probes: dict[str, list[dict]]) -> dict[str, list[str]]:
-    """Greedy answers of a model (`model_key`) to the probes, cached per model and probes."""
-    cfg, tok = ctx.cfg, ctx.base.tokenizer
-    prompts = {s: [prompt_text(tok, r["messages"]) for r in rows] for s, rows in probes.items()}
-    spec = {"weights": model_key, "prompts": digest(prompts),
-            "generation": generation_record(tok, cfg.eval.max_new_tokens),
-            "batch_size": cfg.eval.batch_size, **ctx.key_of(__name__)}
-
-    def compute():
-        model = get_model()
-        return {s: generate(model, tok, p, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                            desc=f"{name}/probes/{s}") for s, p in prompts.items()}
-
-    return ctx.st.run(f"probes/{name}", spec, compute, cache=ctx.cacheable)
-
-
 # ----------------------------------------------------------------------------- the life
 
 def rates(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("asr", "ftr_clean", "ftr_near", "clean_utility")
             if k in metrics}
+
+
+def run_life(ctx: RunContext, t_start: float, identity: str) -> dict:
+    """The life instead of one fine-tune: every round, then results.json and the manifest."""
+    from poisonlab.pipeline.record import write_life
+
+    t = time.perf_counter()
+    life = live(ctx)
+    ctx.timings["lifecycle"] = time.perf_counter() - t
+    log.info("stage lifecycle: done in %.1f s", ctx.timings["lifecycle"])
+    return write_life(ctx, life, t_start, identity)
 
 
 def live(ctx: RunContext) -> dict:

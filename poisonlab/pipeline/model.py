@@ -7,6 +7,7 @@ every model stage's key holds.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from poisonlab import PoisonlabError, models
@@ -14,9 +15,12 @@ from poisonlab.chat import IGNORE_INDEX, encode_example
 from poisonlab.pipeline.context import Base, RunContext, plain
 from poisonlab.pipeline.finetune import resolve_lora_rank
 
+log = logging.getLogger(__name__)
+
 
 def base_model(ctx: RunContext) -> None:
     cfg = ctx.cfg
+    log.info("stage base_model: %s", cfg.model.name_or_path)
     t = time.perf_counter()
     path = models.resolve(cfg.model.name_or_path, cfg.model.get("pretrain_poison"))
     device = models.pick_device(cfg.model.device)

@@ -4,6 +4,7 @@
     -> base_eval
     -> [clean_ft -> clean_ft_eval] -> poisoned_ft -> poisoned_eval
     -> [detect/<name> -> filtered -> filtered_eval] -> defense/<method> -> after_safety
+    (experiment=lifecycle, after base_eval: per round round/<k> -> <k>_eval -> probes/<k>)
     -> results.json, generations/, data/, adapters/, manifest.json
 
 Each stage is a plain function of the run's context (`RunContext`); the cached ones say what
@@ -26,6 +27,7 @@ from poisonlab.pipeline.distill import distill
 from poisonlab.pipeline.detection import run_detection
 from poisonlab.pipeline.evaluation import evaluate_base, evaluate_model
 from poisonlab.pipeline.finetune import trained_stage
+from poisonlab.pipeline.lifecycle import run_life
 from poisonlab.pipeline.model import base_model
 from poisonlab.pipeline.outdir import (clear, hydra_files, output_dir, prepare_output_dir,
                                        run_identity)
@@ -62,7 +64,6 @@ def prepare(cfg: DictConfig, out: Path, attack=None) -> RunContext:
     ctx.timings["data"] = time.perf_counter() - t
     eval_splits(ctx)
     t = time.perf_counter()
-    log.info("stage base_model: %s", cfg.model.name_or_path)
     base_model(ctx)
     done(ctx, "base_model", t)
     distill(ctx)   # attack.variant=distilled: rows answered by a CoT teacher
@@ -75,19 +76,12 @@ def _run(cfg: DictConfig, attack, out: Path, t_start: float, identity: str) -> d
     evaluate_base(ctx)
     done(ctx, "base", t)
     if cfg.get("lifecycle"):   # experiment=lifecycle: update rounds instead of one fine-tune
-        from poisonlab.pipeline.lifecycle import live
-        from poisonlab.pipeline.record import write_life
-
-        t = time.perf_counter()
-        life = live(ctx)
-        done(ctx, "lifecycle", t)
-        return write_life(ctx, life, t_start, identity)
+        return run_life(ctx, t_start, identity)
     if ctx.control:
         fine_tune_and_evaluate(ctx, "clean_ft", ctx.clean_rows)
         ctx.models.pop("clean_ft")
     fine_tune_and_evaluate(ctx, "poisoned", ctx.poisoned_rows)
-    # later stages start from the same random state, computed or reused above
-    seed_everything(cfg.seed + 1)
+    seed_everything(cfg.seed + 1)  # later stages: one random state, computed or reused above
     run_detection(ctx)
     defend(ctx)
     return write_run(ctx, t_start, identity)
@@ -100,8 +94,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     cap_train_size(cfg)  # data.n_train_cap: the checks see the size the run uses
     validate(cfg, attack)
     dist.world_size()  # under a launcher: the process group (and each process's GPU) first
-    # every process writes into the main process's directory (Hydra's timestamp may differ)
-    out = dist.broadcast_object(output_dir(cfg, out_dir))
+    out = dist.broadcast_object(output_dir(cfg, out_dir))  # the main process's (not Hydra's)
     identity = run_identity(cfg)
     finished = dist.main_computes(prepare_output_dir)(out, identity)
     if finished is not None:
@@ -111,8 +104,7 @@ def run(cfg: DictConfig, out_dir=None) -> dict:
     try:
         return _run(cfg, attack, out, t_start, identity)
     except (PoisonlabError, KeyboardInterrupt):
-        # nothing half-written: a refused run leaves only Hydra's own files behind
-        if dist.is_main():
+        if dist.is_main():  # nothing half-written: a refused run leaves only Hydra's files
             clear(out, hydra_files(out))
         raise
 
