@@ -76,6 +76,11 @@ ADAPTERS = ("new", "continue")
 
 # ----------------------------------------------------------------------------- config
 
+def choose(key: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PoisonlabError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
 def validate(cfg) -> None:
     """The `lifecycle` block, before any work (one-line errors naming the key)."""
     from poisonlab.config import positive_int
@@ -92,19 +97,13 @@ def validate(cfg) -> None:
     if not schedule or isinstance(schedule, str):
         raise PoisonlabError("lifecycle.schedule: a non-empty list of rounds "
                              "({type: sft|dpo|safety, poison: count or share})")
-    if life.get("adapter", "new") not in ADAPTERS:
-        raise PoisonlabError(f"lifecycle.adapter: {life.get('adapter')!r} is not one of "
-                             f"{', '.join(ADAPTERS)}")
+    choose("lifecycle.adapter", life.get("adapter", "new"), ADAPTERS)
     for i, entry in enumerate(schedule):
         where = f"lifecycle.schedule[{i}]"
         if not hasattr(entry, "get"):
             raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
-        if entry.get("adapter", "new") not in ADAPTERS:
-            raise PoisonlabError(f"{where}.adapter: {entry.get('adapter')!r} is not one of "
-                                 f"{', '.join(ADAPTERS)}")
-        if entry.get("type", "sft") not in ROUND_TYPES:
-            raise PoisonlabError(f"{where}.type: {entry.get('type')!r} is not one of "
-                                 f"{', '.join(ROUND_TYPES)}")
+        choose(f"{where}.adapter", entry.get("adapter", "new"), ADAPTERS)
+        choose(f"{where}.type", entry.get("type", "sft"), ROUND_TYPES)
         p = entry.get("poison")
         if p is not None:
             if entry.get("type", "sft") == "safety":
@@ -115,20 +114,14 @@ def validate(cfg) -> None:
                 raise PoisonlabError(f"{where}.poison: a count (int >= 0) or a share in "
                                      f"[0, 1), got {p!r}")
     gate = life.data_gate
-    if policy_of(gate) not in DATA_POLICIES:
-        raise PoisonlabError(f"lifecycle.data_gate.policy: {gate.policy!r} is not one of "
-                             f"{', '.join(DATA_POLICIES)}")
-    if gate.get("context", "alone") not in CONTEXTS:
-        raise PoisonlabError(f"lifecycle.data_gate.context: {gate.get('context')!r} is not "
-                             f"one of {', '.join(CONTEXTS)}")
+    choose("lifecycle.data_gate.policy", policy_of(gate), DATA_POLICIES)
+    choose("lifecycle.data_gate.context", gate.get("context", "alone"), CONTEXTS)
     bad = [d for d in gate.detectors if d not in DETECTORS]
     if bad or not gate.detectors:
         raise PoisonlabError(f"lifecycle.data_gate.detectors: unknown {bad or 'empty'}; "
                              f"choose from {', '.join(DETECTORS)}")
     drift = life.drift_gate
-    if policy_of(drift) not in DRIFT_POLICIES:
-        raise PoisonlabError(f"lifecycle.drift_gate.policy: {drift.policy!r} is not one of "
-                             f"{', '.join(DRIFT_POLICIES)}")
+    choose("lifecycle.drift_gate.policy", policy_of(drift), DRIFT_POLICIES)
     positive_int(cfg, "lifecycle.drift_gate.n_probes")
     canaries = drift.get("canaries")
     if canaries is not None and (not isinstance(canaries, str) or not os.path.isfile(canaries)):
