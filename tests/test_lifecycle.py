@@ -94,6 +94,7 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.adapter=reuse", "lifecycle.adapter"),
     ("lifecycle.schedule=[{type:sft,adapter:old}]", "lifecycle.schedule[0].adapter"),
     ("lifecycle.dpo_beta=0", "lifecycle.dpo_beta"),
+    ("lifecycle.schedule=[{type:sft,drift:maybe}]", "lifecycle.schedule[0].drift"),
 ])
 def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
     from poisonlab.pipeline import lifecycle
@@ -339,3 +340,24 @@ def test_continued_rounds_train_the_parents_adapter_on(tmp_path_factory, store, 
     assert "round/round1" in results["cache"]["reused"]      # round 1 has no adapter to continue
     _, q = quarantine_life
     assert results["cache"]["keys"]["round/round2"] != q["cache"]["keys"]["round/round2"]
+
+
+def test_a_round_that_declares_its_change_ships_and_is_no_false_alarm(tmp_path_factory, store,
+                                                                     quarantine_life,
+                                                                     monkeypatch):
+    from poisonlab.pipeline import lifecycle
+
+    real = lifecycle.drift_tests
+
+    def always_fail(*args, **kw):
+        return {**real(*args, **kw), "decision": "fail", "failed": ["clean/forced"]}
+
+    monkeypatch.setattr(lifecycle, "drift_tests", always_fail)
+    _, results = live(tmp_path_factory, store, "life_decl", "lifecycle.schedule="
+                      "[{type:sft,drift:off},{type:sft,poison:20},{type:sft}]")
+    life = results["lifecycle"]
+    assert [r["deployed"] for r in life["rounds"]] == [True, False, False]
+    assert life["rounds"][0]["declared_update"] and life["rounds"][0]["drift_gate"]["policy"] \
+        == "off"
+    clean = [r["clean_update"] and not r["declared_update"] for r in life["rounds"]]
+    assert life["drift_gate_false_alarms"] == {"failed": sum(clean), "clean_rounds": sum(clean)}

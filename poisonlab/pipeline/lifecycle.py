@@ -37,7 +37,8 @@ in the direction a poison moves it, Bonferroni-corrected, failing where the rate
 least `tolerance`. `policy: rollback` keeps the deployed model when the gate fails; `off`
 ships every candidate. Its false alarms are its failures on clean updates: rounds whose
 candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
-failure may be the backdoor fading, which is a change of behaviour too):
+failure may be the backdoor fading, which is a change of behaviour too), rounds that declare
+their change (`{type: sft, drift: off}`: recorded, shipped, not counted) aside:
 `lifecycle.drift_gate_false_alarms`.
 
 results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
@@ -104,6 +105,8 @@ def validate(cfg) -> None:
             raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
         choose(f"{where}.adapter", entry.get("adapter", "new"), ADAPTERS)
         choose(f"{where}.type", entry.get("type", "sft"), ROUND_TYPES)
+        if "drift" in entry:
+            choose(f"{where}.drift", policy_of({"policy": entry.drift}), DRIFT_POLICIES)
         p = entry.get("poison")
         if p is not None:
             if entry.get("type", "sft") == "safety":
@@ -211,7 +214,11 @@ def live(ctx: RunContext) -> dict:
             drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
                                 float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
                                 cfg.seed)
-            drift["policy"] = policy_of(life.drift_gate)
+            # a round may declare an update that is meant to move behaviour (`drift: off`: the
+            # first tuning of an instruct model to a new answer format) and is only recorded
+            own = entry_cfg.get("drift") if "drift" in entry_cfg else None
+            drift["policy"] = policy_of({"policy": own} if own is not None else life.drift_gate)
+            entry["declared_update"] = own is not None and drift["policy"] == "off"
             ship = drift["decision"] == "pass" or drift["policy"] == "off"
             acts = acts or (drift["decision"] == "fail" and tainted[name])
             entry.update(drift_gate=drift, deployed=ship, candidate=name)
@@ -234,7 +241,8 @@ def live(ctx: RunContext) -> dict:
                  (entry["drift_gate"] or {}).get("decision", "-"), deployed_name)
     # false alarms: failures on clean updates (no poison in the candidate's history); after a
     # poison was trained, a failure may be the backdoor fading, which is behaviour too
-    clean_rounds = [r for r in rounds if r["drift_gate"] and r.get("clean_update")]
+    clean_rounds = [r for r in rounds if r["drift_gate"] and r.get("clean_update")
+                    and not r.get("declared_update")]
     asr = [r["stages"]["deployed"].get("asr", {}).get("value") for r in rounds]
     asr = [a for a in asr if a is not None]
     return {"rounds": rounds, "lineage": lineage, "probes": {s: len(v) for s, v in
