@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from poisonlab import PoisonlabError
+from poisonlab.run_models import reload_paths
 from poisonlab.utils import read_jsonl, sha256_file
 
 if TYPE_CHECKING:
@@ -142,18 +143,6 @@ def _rates(metrics: dict | None) -> list:
             for k in METRICS if metrics and isinstance(metrics.get(k), dict)]
 
 
-def _reload_paths(entry) -> list[str]:
-    """Paths in a manifest `reload` entry: ["base", "merge adapters/poisoned", ...] or
-    {"model": [...], ...} -> ["base", "adapters/poisoned", ...]."""
-    if isinstance(entry, dict):
-        entry = entry.get("model")
-    paths = []
-    for item in entry or []:
-        item = str(item).split(" (")[0]
-        paths.append(item.split(" ", 1)[1] if item.startswith("merge ") else item)
-    return paths
-
-
 def artifact_stages(manifest: dict) -> dict[str, tuple[str, list[str]]]:
     """{artifact dir: (stage that wrote it, the paths that stage builds on)} from `reload`."""
     owned: dict[str, tuple[str, list[str]]] = {}
@@ -162,7 +151,7 @@ def artifact_stages(manifest: dict) -> dict[str, tuple[str, list[str]]]:
     rest = sorted((s for s in reload if s not in STAGE_ORDER),
                   key=lambda s: (len(s), s))
     for stage in (*STAGE_ORDER, *rest):
-        paths = _reload_paths(reload.get(stage))
+        paths = reload_paths(reload.get(stage))
         if paths and paths[-1] != "base" and paths[-1] not in owned:
             owned[paths[-1]] = (stage, paths[:-1])
     return owned

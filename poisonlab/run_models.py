@@ -45,8 +45,9 @@ def run_settings(run: Path, info: dict | None = None) -> Settings:
     return Settings(base_path, model_cfg, info["base_model"].get("dtype"))
 
 
-def load_base(settings: Settings, warnings: list[str]):
-    """(model, tokenizer, record) of the base weights, on the run's device in its dtype."""
+def load_base(settings: Settings, warnings: list[str], weights: str | None = None):
+    """(model, tokenizer, record) of the base weights (or of `weights`, a directory of whole
+    weights with the base's tokenizer), on the run's device in its dtype."""
     import torch
 
     from poisonlab import models
@@ -59,7 +60,7 @@ def load_base(settings: Settings, warnings: list[str]):
     precision = models.pick_precision(cfg.get("dtype") or "auto", device)
     template = cfg.get("chat_template")
     tokenizer = models.load_tokenizer(settings.base_path, template)
-    model = models.load_model(settings.base_path, device, precision.weights)
+    model = models.load_model(weights or settings.base_path, device, precision.weights)
     # `auto` resolves per machine: a run on a bf16 GPU reloaded on a CPU computes in float32
     recorded = settings.recorded_dtype
     if recorded is not None and recorded != str(precision.weights):
@@ -74,27 +75,28 @@ def load_base(settings: Settings, warnings: list[str]):
     return model, tokenizer, record
 
 
-def stage_chain(run: Path, info: dict, stage: str) -> tuple[str | None, list[str]]:
-    """(whole weights directory or None for the base, adapter directories in order) of a
-    stage, from the manifest's `reload.<stage>`."""
-    reload = info.get("reload") or {}
-    entry = reload.get(stage)
+def reload_paths(entry) -> list[str]:
+    """Paths in a manifest `reload` entry: ["base", "merge adapters/poisoned", ...] or
+    {"model": [...], ...} -> ["base", "adapters/poisoned", ...]."""
     if isinstance(entry, dict):
         entry = entry.get("model")
-    if not entry:
+    paths = []
+    for item in entry or []:
+        item = str(item).split(" (")[0]
+        paths.append(item.split(" ", 1)[1] if item.startswith("merge ") else item)
+    return paths
+
+
+def stage_chain(run: Path, info: dict, stage: str) -> tuple[str | None, list[str]]:
+    """(whole weights directory or None for the base, adapter directories in order) of a
+    stage, from the manifest's `reload.<stage>` (whole weights come first when there are)."""
+    reload = info.get("reload") or {}
+    paths = reload_paths(reload.get(stage))
+    if not paths:
         raise PoisonlabError(f"{run}: no model stage {stage!r} in the manifest's reload "
                              f"(have: {', '.join(sorted(reload)) or 'none'})")
-    weights, adapters = None, []
-    for item in entry:
-        item = str(item)
-        if item == "base":
-            continue
-        path = item.split(" (")[0]
-        path = path.split(" ", 1)[1] if path.startswith("merge ") else path
-        if item.endswith("(tokenizer: base)"):
-            weights = path
-        else:
-            adapters.append(path)
+    weights = None if paths[0] == "base" else paths[0]
+    adapters = paths[1:]
     for rel in ([weights] if weights else []) + adapters:
         if not (run / rel).is_dir():
             raise PoisonlabError(f"{run}: stage {stage!r} needs {rel}, which is missing")
@@ -106,14 +108,11 @@ def load_stage(run: Path, stage: str, warnings: list[str]):
     adapters merged in order."""
     from peft import PeftModel
 
-    from poisonlab import models
-
     info = read_manifest(run)
     settings = run_settings(run, info)
     weights, adapters = stage_chain(run, info, stage)
-    model, tokenizer, record = load_base(settings, warnings)
-    if weights is not None:
-        model = models.load_model(str(run / weights), model.device, model.dtype)
+    model, tokenizer, record = load_base(settings, warnings,
+                                         None if weights is None else str(run / weights))
     for rel in adapters:
         model = PeftModel.from_pretrained(model, str(run / rel)).merge_and_unload()
     model.eval()

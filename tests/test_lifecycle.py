@@ -139,7 +139,8 @@ def test_data_gate_quarantines_the_poisons_and_the_life_ships_no_backdoor(quaran
     # the clean rounds pass both gates and ship, each on its parent
     assert [e["parent"] for e in life["lineage"]] == [None, "base", "round1", "round2"]
     assert life["deployed"] == "round3"
-    assert life["shipped_asr_max"] <= 0.25
+    # what shipped is the base's behaviour on the same triggered prompts, within a margin
+    assert life["shipped_asr_max"] <= results["stages"]["base"]["asr"]["value"] + 0.25
 
 
 def test_drift_gate_rolls_back_the_poisoned_round(drift_life):

@@ -273,13 +273,14 @@ def life_figure(life: dict, title: str) -> Figure:
             if r["data_gate"]["decision"] == "block":
                 marks.append("B")
             if (r["drift_gate"] or {}).get("decision") == "fail":
-                marks.append("x")
+                marks.append("x declared" if r.get("declared_update") else "x")
             if marks:
-                ax.text(r["round"], 1.07, " ".join(marks), ha="center", va="bottom",
-                        fontsize=7)
+                ax.text(r["round"], 1.06, " ".join(marks), ha="center", va="bottom",
+                        fontsize=8)
         ax.set_xticks(xs)
         ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.15)            # the gates' marks sit above the rates, inside the axes
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_xlabel("round (shaded: poisoned batch)")
         ax.set_ylabel("rate")
         ax.grid(axis="y", alpha=0.3)
