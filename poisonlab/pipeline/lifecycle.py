@@ -34,7 +34,12 @@ your own (`drift_gate.canaries`, chat JSONL). The tests are those of
 `poisonlab drift` (`poisonlab.drift.drift_tests`): per split, McNemar's exact test of
 generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
 in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
-least `tolerance`. `policy: rollback` keeps the deployed model when the gate fails; `off`
+least `tolerance`. Calibrated (`drift_gate.calibration.rounds` clean shadow updates of the
+base per round type, `poisonlab.pipeline.calibration`), a test fails only beyond every clean
+update's move, and per split an answer-shift test (the per-probe cosine distance of answer
+embeddings against a clean update's, one-sided signed-rank) joins the family; the
+calibration's leave-one-out false alarms are in `lifecycle.drift_gate_calibration`.
+`policy: rollback` keeps the deployed model when the gate fails; `off`
 ships every candidate. Its false alarms are its failures on clean updates: rounds whose
 candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
 failure may be the backdoor fading, which is a change of behaviour too), rounds that declare
@@ -59,7 +64,8 @@ import os
 import time
 
 from poisonlab import PoisonlabError
-from poisonlab.drift import drift_tests
+from poisonlab.drift import answer_shift, drift_tests, embed_answers
+from poisonlab.pipeline.calibration import calibrate_gate, encoder_of, shadow_entries
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
@@ -130,6 +136,15 @@ def validate(cfg) -> None:
     if canaries is not None and (not isinstance(canaries, str) or not os.path.isfile(canaries)):
         raise PoisonlabError(f"lifecycle.drift_gate.canaries: {canaries!r} is not a file (a chat "
                              "JSONL file of prompts with reference answers; null: none)")
+    calibration = drift.get("calibration") or {}
+    n = calibration.get("rounds", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise PoisonlabError("lifecycle.drift_gate.calibration.rounds must be an integer >= 0 "
+                             f"(clean shadow updates per round type; 0: none), got {n!r}")
+    encoder = calibration.get("encoder")
+    if encoder is not None and not os.path.isfile(os.path.join(str(encoder), "config.json")):
+        raise PoisonlabError(f"lifecycle.drift_gate.calibration.encoder: {encoder!r} is not a "
+                             "local sentence-encoder directory (null: MiniLM)")
     for key in ("alpha", "tolerance"):
         v = drift.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
@@ -161,12 +176,19 @@ def live(ctx: RunContext) -> dict:
 
     cfg = ctx.cfg
     life = cfg.lifecycle
-    batches = round_batches(ctx)
+    shadows = shadow_entries(life)
+    batches = round_batches(ctx, shadows)
+    batches, shadows = batches[:len(life.schedule)], batches[len(life.schedule):]
     probes = probe_battery(ctx)
     write_probes(ctx.out / "data" / "probes.jsonl", probes)
     deployed = base_stage(ctx)
     deployed_name = "base"
     answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
+    encoder = encoder_of(life)
+    embedded = {deployed.key: embed_answers(answers[deployed.key], encoder)}
+    calibrations, calibration = (calibrate_gate(ctx, deployed, answers[deployed.key],
+                                                embedded[deployed.key], probes, shadows)
+                                 if shadows else ({}, {}))
     trusted: list[dict] = []
     rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
     first_poison = detected = None
@@ -211,9 +233,11 @@ def live(ctx: RunContext) -> dict:
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
             answers[stage.key] = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)
             del model
+            embedded[stage.key] = embed_answers(answers[stage.key], encoder)
             drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
                                 float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
-                                cfg.seed)
+                                cfg.seed, calibrations.get(batch["type"]),
+                                answer_shift(embedded[deployed.key], embedded[stage.key]))
             # a round may declare an update that is meant to move behaviour (`drift: off`: the
             # first tuning of an instruct model to a new answer format) and is only recorded
             own = entry_cfg.get("drift") if "drift" in entry_cfg else None
@@ -253,4 +277,5 @@ def live(ctx: RunContext) -> dict:
             "drift_gate_false_alarms": {
                 "failed": sum(r["drift_gate"]["decision"] == "fail" for r in clean_rounds),
                 "clean_rounds": len(clean_rounds)},
+            "drift_gate_calibration": calibration or None,
             "deployed": deployed_name}

@@ -26,9 +26,10 @@ def poison_count(entry, rows: int) -> int:
 
 # ----------------------------------------------------------------------------- data
 
-def round_batches(ctx: RunContext) -> list[dict]:
+def round_batches(ctx: RunContext, extra: list[dict] = ()) -> list[dict]:
     """Per round: {"type", "rows", "poisoned_ids", "poison": manifest or None}. Clean rows are
-    drawn without replacement from the fine-tuning (sft) or safety pool in a seeded order."""
+    drawn without replacement from the fine-tuning (sft) or safety pool in a seeded order;
+    `extra` entries (the drift gate's clean shadow rounds) are drawn after the schedule's."""
     from poisonlab.pipeline.data import clean_safety_rows
 
     cfg, attack = ctx.cfg, ctx.attack
@@ -46,7 +47,7 @@ def round_batches(ctx: RunContext) -> list[dict]:
         return [r for r in pool[pointer[drawn]:] if r["id"] not in used]
 
     out = []
-    for k, entry in enumerate(life.schedule, 1):
+    for k, entry in enumerate([*life.schedule, *extra], 1):
         kind = entry.get("type", "sft")
         pool, drawn = pools[kind], ("safety" if kind == "safety" else "feedback")
         fresh = rest(drawn, pool)
