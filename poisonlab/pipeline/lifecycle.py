@@ -34,11 +34,11 @@ your own (`drift_gate.canaries`, chat JSONL). The tests are those of
 `poisonlab drift` (`poisonlab.drift.drift_tests`): per split, McNemar's exact test of
 generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
 in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
-least `tolerance`. Calibrated (`drift_gate.calibration.rounds` clean shadow updates of the
-base per round type, `poisonlab.pipeline.calibration`), a test fails only beyond every clean
-update's move, and per split an answer-shift test (the per-probe cosine distance of answer
-embeddings against a clean update's, one-sided signed-rank) joins the family; the
-calibration's leave-one-out false alarms are in `lifecycle.drift_gate_calibration`.
+least `tolerance`. Calibrated (`drift_gate.calibration`: `rounds` clean shadow updates of
+the round's parent, or of the base, of the round's type; `poisonlab.pipeline.calibration`;
+not for a round that declares its change), a test fails only beyond every clean update's move, and per split an answer-shift test (the mean cosine distance of answer
+embeddings against clean updates', a prediction test on the log scale) joins the family;
+the shadows are in `lifecycle.drift_gate_calibration`.
 `policy: rollback` keeps the deployed model when the gate fails; `off`
 ships every candidate. Its false alarms are its failures on clean updates: rounds whose
 candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
@@ -65,7 +65,7 @@ import time
 
 from poisonlab import PoisonlabError
 from poisonlab.drift import answer_shift, drift_tests, embed_answers
-from poisonlab.pipeline.calibration import calibrate_gate, encoder_of, shadow_entries
+from poisonlab.pipeline.calibration import SOURCES, Calibrator, shadow_entries
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
@@ -141,6 +141,8 @@ def validate(cfg) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise PoisonlabError("lifecycle.drift_gate.calibration.rounds must be an integer >= 0 "
                              f"(clean shadow updates per round type; 0: none), got {n!r}")
+    choose("lifecycle.drift_gate.calibration.from", calibration.get("from", "deployed"),
+           SOURCES)
     encoder = calibration.get("encoder")
     if encoder is not None and not os.path.isfile(os.path.join(str(encoder), "config.json")):
         raise PoisonlabError(f"lifecycle.drift_gate.calibration.encoder: {encoder!r} is not a "
@@ -176,19 +178,17 @@ def live(ctx: RunContext) -> dict:
 
     cfg = ctx.cfg
     life = cfg.lifecycle
-    shadows = shadow_entries(life)
-    batches = round_batches(ctx, shadows)
+    entries = shadow_entries(life)
+    batches = round_batches(ctx, entries)
     batches, shadows = batches[:len(life.schedule)], batches[len(life.schedule):]
     probes = probe_battery(ctx)
     write_probes(ctx.out / "data" / "probes.jsonl", probes)
     deployed = base_stage(ctx)
     deployed_name = "base"
     answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
-    encoder = encoder_of(life)
+    calibrator = Calibrator(ctx, probes, shadows, entries)
+    encoder = calibrator.encoder
     embedded = {deployed.key: embed_answers(answers[deployed.key], encoder)}
-    calibrations, calibration = (calibrate_gate(ctx, deployed, answers[deployed.key],
-                                                embedded[deployed.key], probes, shadows)
-                                 if shadows else ({}, {}))
     trusted: list[dict] = []
     rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
     first_poison = detected = None
@@ -226,6 +226,11 @@ def live(ctx: RunContext) -> dict:
             entry["clean_update"] = not tainted[name]
             entry_cfg = life.schedule[k - 1]
             adapter = entry_cfg.get("adapter") or life.get("adapter", "new")
+            own = entry_cfg.get("drift") if "drift" in entry_cfg else None
+            declared = own is not None and policy_of({"policy": own}) == "off"
+            calibration = None if declared else calibrator.for_round(
+                k, batch["type"], deployed, deployed_name, answers[deployed.key],
+                embedded[deployed.key], continued=adapter == "continue")
             stage = update_round(ctx, deployed, kept, name, batch["type"],
                                  continued=adapter == "continue")
             entry["adapter"] = adapter
@@ -236,13 +241,13 @@ def live(ctx: RunContext) -> dict:
             embedded[stage.key] = embed_answers(answers[stage.key], encoder)
             drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
                                 float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
-                                cfg.seed, calibrations.get(batch["type"]),
+                                cfg.seed, calibration,
                                 answer_shift(embedded[deployed.key], embedded[stage.key]))
             # a round may declare an update that is meant to move behaviour (`drift: off`: the
             # first tuning of an instruct model to a new answer format) and is only recorded
-            own = entry_cfg.get("drift") if "drift" in entry_cfg else None
             drift["policy"] = policy_of({"policy": own} if own is not None else life.drift_gate)
-            entry["declared_update"] = own is not None and drift["policy"] == "off"
+            entry["declared_update"] = declared
+            drift["calibrated_on"] = calibration["models"] if calibration else None
             ship = drift["decision"] == "pass" or drift["policy"] == "off"
             acts = acts or (drift["decision"] == "fail" and tainted[name])
             entry.update(drift_gate=drift, deployed=ship, candidate=name)
@@ -277,5 +282,5 @@ def live(ctx: RunContext) -> dict:
             "drift_gate_false_alarms": {
                 "failed": sum(r["drift_gate"]["decision"] == "fail" for r in clean_rounds),
                 "clean_rounds": len(clean_rounds)},
-            "drift_gate_calibration": calibration or None,
+            "drift_gate_calibration": calibrator.records or None,
             "deployed": deployed_name}
