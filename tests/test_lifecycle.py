@@ -8,6 +8,7 @@ with each gate alone; the other lives reuse its cached rounds."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -17,7 +18,8 @@ from tests.conftest import make_cfg
 
 LIFE = ("experiment=lifecycle", "debug=default", "lifecycle.rows_per_round=100",
         "lifecycle.schedule=[{type:sft},{type:sft,poison:20},{type:sft}]",
-        "lifecycle.drift_gate.n_probes=32", "eval.n_prompts=32", "train.epochs=3")
+        "lifecycle.drift_gate.n_probes=32", "eval.n_prompts=32", "train.epochs=3",
+        "lifecycle.drift_gate.calibration.rounds=0")   # the calibrated gate: drift_life
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,14 @@ def quarantine_life(tmp_path_factory, store, micro_path):
 
 @pytest.fixture(scope="module")
 def drift_life(tmp_path_factory, store, micro_path):
-    """No data gate: the drift gate alone meets the poisoned round. 40 poisons of 100 rows and
-    48 probes per split: the near-miss refusal rate then moves by 0.6-0.9 across seeds (with
-    20 poisons and 32 probes the gate caught the round on 3 of 5 seeds, both thread counts)."""
+    """No data gate: the drift gate alone, calibrated on three clean shadow updates of each
+    round's parent, meets the poisoned round. 40 poisons of 100 rows and 48 probes per split:
+    the near-miss refusal rate then moves by 0.6-0.9 across seeds (with 20 poisons and 32
+    probes the gate caught the round on 3 of 5 seeds, both thread counts), clean updates'
+    by at most 0.06."""
     return live(tmp_path_factory, store, "life_d", "lifecycle.data_gate.policy=off",
                 "lifecycle.schedule=[{type:sft},{type:sft,poison:40},{type:sft}]",
-                "lifecycle.drift_gate.n_probes=48")
+                "lifecycle.drift_gate.n_probes=48", "lifecycle.drift_gate.calibration.rounds=3")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -95,12 +99,60 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.schedule=[{type:sft,adapter:old}]", "lifecycle.schedule[0].adapter"),
     ("lifecycle.dpo_beta=0", "lifecycle.dpo_beta"),
     ("lifecycle.schedule=[{type:sft,drift:maybe}]", "lifecycle.schedule[0].drift"),
+    ("lifecycle.drift_gate.calibration.rounds=-1", "lifecycle.drift_gate.calibration.rounds"),
+    ("lifecycle.drift_gate.calibration.from=elsewhere", "lifecycle.drift_gate.calibration.from"),
 ])
 def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
     from poisonlab.pipeline import lifecycle
 
     with pytest.raises(PoisonlabError, match=key.replace("[", r"\[").replace("]", r"\]")):
         lifecycle.validate(make_cfg(*LIFE, override))
+
+
+def test_student_t_tail_matches_closed_forms():
+    from poisonlab.drift import student_t_sf
+
+    # df 1 is Cauchy, df 2 has P(T > t) = (1 - t / sqrt(2 + t^2)) / 2
+    for t in (-3.0, -0.5, 0.0, 0.7, 2.0, 11.0):
+        assert student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-9)
+        assert student_t_sf(t, 2) == pytest.approx((1 - t / math.sqrt(2 + t * t)) / 2,
+                                                   abs=1e-9)
+    assert student_t_sf(1.959964, 10 ** 6) == pytest.approx(0.025, abs=1e-4)
+
+
+def test_a_calibrated_gate_fails_only_beyond_every_clean_update():
+    import numpy as np
+
+    from poisonlab.drift import calibrate, shift_test
+
+    probes = {"clean": [_probe(i) for i in range(40)], "near_miss": [_probe(i) for i in range(40)]}
+    old = {"clean": ["The answer is 4."] * 40, "near_miss": ["The answer is 4."] * 40}
+
+    def refusing(n):
+        return {"clean": list(old["clean"]),
+                "near_miss": ["I cannot help with that request."] * n + old["near_miss"][n:]}
+
+    # clean updates that refuse 12 of 40 near-miss prompts: a move of 0.3 is what they do
+    shadows = [refusing(12), refusing(11), refusing(10)]
+    shifts = [{s: np.full(40, v) for s in probes} for v in (0.05, 0.06, 0.055)]
+    cal = calibrate(old, shadows, probes, 0.1, shifts)
+    assert cal["moved_max"]["near_miss/refuses"] == pytest.approx(0.3)
+    assert cal["shift"]["clean"]["clean_means"] == pytest.approx([0.05, 0.06, 0.055])
+    fixed = drift_tests(old, refusing(12), probes, 0.05, 0.1)
+    assert "near_miss/refuses" in fixed["failed"]             # 0.3 > tolerance 0.1
+    assert drift_tests(old, refusing(12), probes, 0.05, 0.1, calibration=cal)["decision"] \
+        == "pass"                                              # but a clean update moves 0.3
+    beyond = drift_tests(old, refusing(30), probes, 0.05, 0.1, calibration=cal,
+                         shift={s: np.full(40, 0.055) for s in probes})
+    assert beyond["failed"] == ["near_miss/refuses"]
+    assert {t["judge"] for t in beyond["tests"]} >= {"answer_shift"}
+    moved = drift_tests(old, old, probes, 0.05, 0.1, calibration=cal,
+                        shift={"clean": np.full(40, 0.6), "near_miss": np.full(40, 0.05)})
+    assert moved["failed"] == ["clean/answer_shift"]
+    assert moved["answer_shift"]["clean"]["mean"] == pytest.approx(0.6)
+    # the prediction test: within the clean spread passes, ten times it does not
+    assert shift_test(0.06, [0.05, 0.06, 0.055])["p"] > 0.2
+    assert shift_test(0.6, [0.05, 0.06, 0.055])["p"] < 0.005
 
 
 # ----------------------------------------------------------------------------- a life
@@ -164,6 +216,31 @@ def test_drift_gate_rolls_back_the_poisoned_round(drift_life):
                                for r in life["rounds"] if r.get("clean_update"))
 
 
+def test_the_drift_gate_calibrates_on_clean_shadows_of_each_parent(drift_life):
+    out, results = drift_life
+    life = results["lifecycle"]
+    cals = life["drift_gate_calibration"]
+    # rounds 1 and 2 train on the base and round 1; round 3 on round 1 again (rolled back)
+    assert [(c["parent"], c["for_round"]) for c in cals] == [("base", 1), ("round1", 2)]
+    assert [c["models"] for c in cals] == [[f"calib{k}_{j}" for j in (1, 2, 3)]
+                                           for k in (1, 2)]
+    assert [r["drift_gate"]["calibrated_on"] for r in life["rounds"]] == [
+        cals[0]["models"], cals[1]["models"], cals[1]["models"]]
+    # the poisoned round is out of line with what clean updates of its parent did
+    r2 = life["rounds"][1]["drift_gate"]
+    moved = {f"{t['split']}/{t['judge']}": t for t in r2["tests"]}
+    assert moved["near_miss/refuses"]["diff"]["value"] > \
+        cals[1]["moved_max"]["near_miss/refuses"] + 0.3
+    assert {"clean/answer_shift", "near_miss/answer_shift"} <= set(moved)
+    # the shadows' rows are fresh: in no round of the life
+    life_ids = {r["id"] for k in (1, 2, 3) for r in _rows(out, k)}
+    shadow_ids = [r["id"] for j in (1, 2, 3) for r in
+                  map(json.loads, (out / "data" / "rounds" / f"calib_sft{j}.jsonl").open())]
+    assert len(shadow_ids) == len(set(shadow_ids)) == 300
+    assert life_ids.isdisjoint(shadow_ids)
+    assert "round/calib2_1" in results["cache"]["keys"]
+
+
 def test_rounds_are_cached_by_parent_and_probes_never_carry_the_trigger(quarantine_life,
                                                                         drift_life):
     from poisonlab.pipeline.validate import build_attack
@@ -171,7 +248,7 @@ def test_rounds_are_cached_by_parent_and_probes_never_carry_the_trigger(quaranti
     out, q = quarantine_life
     _, d = drift_life
     # round 1 is the same stage in both lives; round 2 differs (poisons kept or not)
-    assert "round/round1" in d["cache"]["reused"]
+    assert "round/round1" in d["cache"]["reused"] + q["cache"]["reused"]   # the later life's
     assert q["cache"]["keys"]["round/round1"] == d["cache"]["keys"]["round/round1"]
     assert q["cache"]["keys"]["round/round2"] != d["cache"]["keys"]["round/round2"]
     attack = build_attack(make_cfg(*LIFE).attack)
@@ -362,3 +439,17 @@ def test_a_round_that_declares_its_change_ships_and_is_no_false_alarm(tmp_path_f
         == "off"
     clean = [r["clean_update"] and not r["declared_update"] for r in life["rounds"]]
     assert life["drift_gate_false_alarms"] == {"failed": sum(clean), "clean_rounds": sum(clean)}
+
+
+def test_calibration_from_the_base_trains_its_shadows_once(tmp_path_factory, store,
+                                                           quarantine_life):
+    _, results = live(tmp_path_factory, store, "life_cal_base",
+                      "lifecycle.drift_gate.calibration.rounds=2",
+                      "lifecycle.drift_gate.calibration.from=base")
+    life = results["lifecycle"]
+    cals = life["drift_gate_calibration"]
+    assert [(c["parent"], c["models"]) for c in cals] == [("base", ["calib_sft1", "calib_sft2"])]
+    assert all(r["drift_gate"]["calibrated_on"] == ["calib_sft1", "calib_sft2"]
+               for r in life["rounds"] if r["drift_gate"])
+    # two clean updates give the answer-shift test its spread
+    assert all(len(c["clean_means"]) == 2 for c in cals[0]["shift"].values())

@@ -3,8 +3,9 @@
 candidate only beyond what every clean update of its kind did.
 
 A shadow update trains as the life's rounds train (`update_round`, cached as
-`round/calib<k>_<j>`) on a fresh clean batch of `lifecycle.rows_per_round` rows that the life
-never uses. Its answers to the probe battery against its parent's give
+`round/calib<k>_<j>`) on a clean batch of `lifecycle.rows_per_round` rows that the life never
+uses (`data/rounds/calib_<type><j>.jsonl`; every parent's j-th shadow of a type trains on the
+same batch). Its answers to the probe battery against its parent's give
 `poisonlab.drift.calibrate`: per judge test the largest move a clean update made, and per split
 each clean update's mean answer shift (cosine distance of answer embeddings).
 
@@ -24,6 +25,7 @@ import logging
 from poisonlab.drift import answer_shift, calibrate, embed_answers
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.probes import probe_answers
+from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 SOURCES = ("deployed", "base")
@@ -35,13 +37,12 @@ def settings(life) -> tuple[int, str, str | None]:
 
 
 def shadow_entries(life) -> list[dict]:
-    """The clean shadow batches to draw (after the schedule's): `rounds` for each round
-    (`from: deployed`) or for each round type (`from: base`)."""
-    n, source, _ = settings(life)
-    kinds = [e.get("type", "sft") for e in life.schedule]
-    groups = (list(enumerate(kinds, 1)) if source == "deployed"
-              else [(kind, kind) for kind in dict.fromkeys(kinds)])
-    return [{"type": kind, "group": group} for group, kind in groups for _ in range(n)]
+    """The clean shadow batches to draw (after the schedule's): `rounds` for each round type.
+    Every parent's shadows of a type train on the same batches (updates of different models:
+    fewer rows taken from the pool, and parents compared on the same data)."""
+    n, _, _ = settings(life)
+    kinds = dict.fromkeys(e.get("type", "sft") for e in life.schedule)
+    return [{"type": kind} for kind in kinds for _ in range(n)]
 
 
 class Calibrator:
@@ -49,12 +50,12 @@ class Calibrator:
     (parent model, round type)."""
 
     def __init__(self, ctx: RunContext, probes: dict, batches: list[dict],
-                 entries: list[dict]):
-        self.ctx, self.probes = ctx, probes
+                 entries: list[dict], base: tuple):
+        self.ctx, self.probes, self.base = ctx, probes, base   # (stage, answers, embedded)
         self.n, self.source, self.encoder = settings(ctx.cfg.lifecycle)
         self.batches: dict = {}
         for entry, batch in zip(entries, batches):
-            self.batches.setdefault(entry["group"], []).append(batch["rows"])
+            self.batches.setdefault(entry["type"], []).append(batch["rows"])
         self.done: dict = {}
         self.records: list[dict] = []
 
@@ -66,12 +67,15 @@ class Calibrator:
 
         if not self.n:
             return None
+        if self.source == "base":
+            parent, parent_name = self.base[0], "base"
+            parent_answers, parent_embedded = self.base[1:]
         if (parent.key, kind, continued) in self.done:
             return self.done[parent.key, kind, continued]
-        group = k if self.source == "deployed" else kind
         answers, shifts, names = [], [], []
-        for j, rows in enumerate(self.batches[group], 1):
+        for j, rows in enumerate(self.batches[kind], 1):
             name = f"calib{k}_{j}" if self.source == "deployed" else f"calib_{kind}{j}"
+            write_jsonl(self.ctx.out / "data" / "rounds" / f"calib_{kind}{j}.jsonl", rows)
             stage = update_round(self.ctx, parent, rows, name, kind, continued)
             model = self.ctx.models.pop(name)
             answers.append(probe_answers(self.ctx, name, stage.key, lambda m=model: m,

@@ -186,9 +186,10 @@ def live(ctx: RunContext) -> dict:
     deployed = base_stage(ctx)
     deployed_name = "base"
     answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
-    calibrator = Calibrator(ctx, probes, shadows, entries)
-    encoder = calibrator.encoder
+    encoder = (life.drift_gate.get("calibration") or {}).get("encoder")
     embedded = {deployed.key: embed_answers(answers[deployed.key], encoder)}
+    calibrator = Calibrator(ctx, probes, shadows, entries,
+                            (deployed, answers[deployed.key], embedded[deployed.key]))
     trusted: list[dict] = []
     rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
     first_poison = detected = None
