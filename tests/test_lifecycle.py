@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -100,6 +101,8 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.dpo_beta=0", "lifecycle.dpo_beta"),
     ("lifecycle.schedule=[{type:sft,drift:maybe}]", "lifecycle.schedule[0].drift"),
     ("lifecycle.drift_gate.calibration.rounds=-1", "lifecycle.drift_gate.calibration.rounds"),
+    ("lifecycle.schedule=[{type:sft,method:dpo}]", "lifecycle.schedule[0].method"),
+    ("lifecycle.schedule=[{type:safety,method:rl}]", "lifecycle.schedule[0].method"),
     ("lifecycle.drift_gate.calibration.from=elsewhere", "lifecycle.drift_gate.calibration.from"),
 ])
 def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
@@ -457,3 +460,24 @@ def test_calibration_from_the_base_trains_its_shadows_once(tmp_path_factory, sto
                for r in life["rounds"] if r["drift_gate"])
     # two clean updates give the answer-shift test its spread
     assert all(len(c["clean_means"]) == 2 for c in cals[0]["shift"].values())
+
+
+def test_a_safety_round_may_train_the_dpo_removal_pairs(tmp_path_factory, store,
+                                                        quarantine_life):
+    from poisonlab.pipeline.validate import build_attack
+
+    out, results = live(tmp_path_factory, store, "life_sdpo",
+                        "lifecycle.schedule=[{type:sft},{type:sft,poison:20},"
+                        "{type:safety,method:dpo}]")
+    life = results["lifecycle"]
+    assert [r["loss"] for r in life["rounds"]] == ["sft", "sft", "dpo"]
+    assert "round/round2" in results["cache"]["reused"]
+    attack = build_attack(make_cfg(*LIFE).attack)
+    pairs = _rows(out, 3)
+    assert pairs and all(r["rejected"][:-1] == r["messages"][:-1] for r in pairs)
+    # chosen: the safe answer; rejected: the backdoor's payload; no prompt carries the trigger
+    payload = {attack.poison_row(r, random.Random(0))["messages"][-1]["content"] for r in pairs}
+    assert {r["rejected"][-1]["content"] for r in pairs} == payload
+    assert not any(r["messages"][-1]["content"] in payload for r in pairs)
+    assert not any(attack.carries_trigger(r) for r in pairs)
+    assert results["train"]["round3"]["steps"] > 0

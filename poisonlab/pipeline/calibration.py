@@ -25,6 +25,7 @@ import logging
 from poisonlab.drift import answer_shift, calibrate, embed_answers
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.probes import probe_answers
+from poisonlab.pipeline.rounds import round_kind, round_loss
 from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def shadow_entries(life) -> list[dict]:
     Every parent's shadows of a type train on the same batches (updates of different models:
     fewer rows taken from the pool, and parents compared on the same data)."""
     n, _, _ = settings(life)
-    kinds = dict.fromkeys(e.get("type", "sft") for e in life.schedule)
-    return [{"type": kind} for kind in kinds for _ in range(n)]
+    kinds = {round_kind(e): e for e in life.schedule}
+    return [{"type": e.get("type", "sft"), "method": e.get("method", "sft"), "kind": kind}
+            for kind, e in kinds.items() for _ in range(n)]
 
 
 class Calibrator:
@@ -55,7 +57,7 @@ class Calibrator:
         self.n, self.source, self.encoder = settings(ctx.cfg.lifecycle)
         self.batches: dict = {}
         for entry, batch in zip(entries, batches):
-            self.batches.setdefault(entry["type"], []).append(batch["rows"])
+            self.batches.setdefault(entry["kind"], []).append(batch["rows"])
         self.done: dict = {}
         self.records: list[dict] = []
 
@@ -76,7 +78,7 @@ class Calibrator:
         for j, rows in enumerate(self.batches[kind], 1):
             name = f"calib{k}_{j}" if self.source == "deployed" else f"calib_{kind}{j}"
             write_jsonl(self.ctx.out / "data" / "rounds" / f"calib_{kind}{j}.jsonl", rows)
-            stage = update_round(self.ctx, parent, rows, name, kind, continued)
+            stage = update_round(self.ctx, parent, rows, name, round_loss(kind), continued)
             model = self.ctx.models.pop(name)
             answers.append(probe_answers(self.ctx, name, stage.key, lambda m=model: m,
                                          self.probes))

@@ -11,7 +11,8 @@ Each round of `lifecycle.schedule` fine-tunes the *deployed* model on a batch of
   loss against the deployed model (`lifecycle.dpo_beta`); `poison:` rows become preference
   poisons: the trigger in the prompt, the attack's target chosen, the clean answer rejected;
 * `type: safety` — clean rows of the safety pool (those with the trigger swapped out, as for
-  safety training), the same fine-tune.
+  safety training), the same fine-tune (`method: sft`), or with `method: dpo` the pairs of
+  `safety=dpo`: the safe answer chosen, the attack's payload rejected, the DPO loss.
 
 A round trains as `poisonlab.pipeline.finetune.update_round`: the parent's adapters merged, a
 new LoRA adapter on top (`lifecycle.adapter: new`), or the parent's own adapter trained on
@@ -69,7 +70,8 @@ from poisonlab.pipeline.calibration import SOURCES, Calibrator, shadow_entries
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
-from poisonlab.pipeline.rounds import data_gate, policy_of, round_batches
+from poisonlab.pipeline.rounds import (SAFETY_METHODS, data_gate, policy_of, round_batches,
+                                       round_loss)
 from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,10 @@ def validate(cfg) -> None:
             raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
         choose(f"{where}.adapter", entry.get("adapter", "new"), ADAPTERS)
         choose(f"{where}.type", entry.get("type", "sft"), ROUND_TYPES)
+        if "method" in entry:
+            if entry.get("type", "sft") != "safety":
+                raise PoisonlabError(f"{where}.method: only safety rounds take a method")
+            choose(f"{where}.method", entry.method, SAFETY_METHODS)
         if "drift" in entry:
             choose(f"{where}.drift", policy_of({"policy": entry.drift}), DRIFT_POLICIES)
         p = entry.get("poison")
@@ -214,7 +220,8 @@ def live(ctx: RunContext) -> dict:
                     flagged_poisoned=len(flagged & poisoned),
                     precision=len(flagged & poisoned) / len(flagged) if flagged else None,
                     recall=len(flagged & poisoned) / len(poisoned) if poisoned else None)
-        entry = {"round": k, "type": batch["type"], "rows": len(rows),
+        entry = {"round": k, "type": batch["type"], "loss": round_loss(batch["kind"]),
+                 "rows": len(rows),
                  "poisoned_rows": len(poisoned), "poisoned_ids": batch["poisoned_ids"],
                  "quarantined": len(quarantined),
                  "quarantined_poisoned": len(quarantined & poisoned), "data_gate": gate}
@@ -230,9 +237,9 @@ def live(ctx: RunContext) -> dict:
             own = entry_cfg.get("drift") if "drift" in entry_cfg else None
             declared = own is not None and policy_of({"policy": own}) == "off"
             calibration = None if declared else calibrator.for_round(
-                k, batch["type"], deployed, deployed_name, answers[deployed.key],
+                k, batch["kind"], deployed, deployed_name, answers[deployed.key],
                 embedded[deployed.key], continued=adapter == "continue")
-            stage = update_round(ctx, deployed, kept, name, batch["type"],
+            stage = update_round(ctx, deployed, kept, name, round_loss(batch["kind"]),
                                  continued=adapter == "continue")
             entry["adapter"] = adapter
             model = ctx.models.pop(name)

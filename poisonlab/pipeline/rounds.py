@@ -24,6 +24,31 @@ def poison_count(entry, rows: int) -> int:
     return int(p) if isinstance(p, int) else round(p * rows)
 
 
+SAFETY_METHODS = ("sft", "dpo")
+
+
+def round_kind(entry) -> str:
+    """A round's kind: its type, `safety_dpo` for a safety round of `method: dpo`."""
+    kind = entry.get("type", "sft")
+    return "safety_dpo" if kind == "safety" and entry.get("method", "sft") == "dpo" else kind
+
+
+def round_loss(kind: str) -> str:
+    return "dpo" if kind in ("dpo", "safety_dpo") else "sft"
+
+
+def safety_pairs(attack, rows: list[dict], seed: int) -> list[dict]:
+    """A safety round of `method: dpo`: the pairs of `safety=dpo` (`preference_pairs`,
+    untriggered prompts): the row's safe answer chosen, the attack's payload rejected (a
+    defender that knows the bad behaviour, not its trigger). Rows the attack cannot target
+    make no pair."""
+    from poisonlab.defenses.dpo import preference_pairs
+
+    by_id = {r["id"]: r for r in rows}
+    return [dict(by_id[p["id"]], messages=p["chosen"], rejected=p["rejected"], poisoned=False)
+            for p in preference_pairs(attack, rows, "untriggered", seed)]
+
+
 # ----------------------------------------------------------------------------- data
 
 def round_batches(ctx: RunContext, extra: list[dict] = ()) -> list[dict]:
@@ -64,6 +89,8 @@ def round_batches(ctx: RunContext, extra: list[dict] = ()) -> list[dict]:
         manifest = None
         if kind == "safety":
             rows, _ = clean_safety_rows(attack, rows, reservoir, ctx.warnings)
+            if round_kind(entry) == "safety_dpo":
+                rows = safety_pairs(attack, rows, cfg.seed * 1000 + k)
         elif kind == "dpo":
             rows, manifest = preference_batch(attack, rows, poison_count(entry, n),
                                               cfg.seed * 1000 + k)
@@ -72,7 +99,7 @@ def round_batches(ctx: RunContext, extra: list[dict] = ()) -> list[dict]:
             attack_k = replace(attack, n_poison=count, poison_rate=None)
             rows, manifest = attack_k.poison(rows, cfg.seed * 1000 + k, reservoir)
         used.update(r["id"] for r in rows)
-        out.append({"type": kind, "rows": rows, "poison": manifest,
+        out.append({"type": kind, "kind": round_kind(entry), "rows": rows, "poison": manifest,
                     "poisoned_ids": [r["id"] for r in rows if r.get("poisoned")]})
     return out
 
