@@ -36,12 +36,12 @@ your own (`drift_gate.canaries`, chat JSONL). The tests are those of
 generic judges' per-prompt rates (refuses, gibberish, a new common answer, correct), each
 in the direction a poison moves it, Bonferroni-corrected, failing where the rate moved at
 least `tolerance`. Calibrated (`drift_gate.calibration`: `rounds` clean shadow updates of
-the round's parent, or of the base, of the round's type; `poisonlab.pipeline.calibration`;
-not for a round that declares its change), a test fails only beyond every clean update's move, and per split an answer-shift test (the mean cosine distance of answer
-embeddings against clean updates', a prediction test on the log scale) joins the family;
-the shadows are in `lifecycle.drift_gate_calibration`.
-`policy: rollback` keeps the deployed model when the gate fails; `off`
-ships every candidate. Its false alarms are its failures on clean updates: rounds whose
+the round's parent, or of the base, of the round's kind; `poisonlab.pipeline.calibration`;
+not for a round that declares its change), a test fails only beyond every clean update's
+move, and per split an answer-shift test (the mean cosine distance of answer embeddings
+against clean updates', a prediction test on the log scale) joins the family; the shadows
+are in `lifecycle.drift_gate_calibration`. `policy: rollback` keeps the deployed model when
+the gate fails; `off` ships every candidate. Its false alarms are its failures on clean updates: rounds whose
 candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
 failure may be the backdoor fading, which is a change of behaviour too), rounds that declare
 their change (`{type: sft, drift: off}`: recorded, shipped, not counted) aside:
