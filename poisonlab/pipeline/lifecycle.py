@@ -41,11 +41,11 @@ not for a round that declares its change), a test fails only beyond every clean 
 move, and per split an answer-shift test (the mean cosine distance of answer embeddings
 against clean updates', a prediction test on the log scale) joins the family; the shadows
 are in `lifecycle.drift_gate_calibration`. `policy: rollback` keeps the deployed model when
-the gate fails; `off` ships every candidate. Its false alarms are its failures on clean updates: rounds whose
-candidate has no poisoned row in its history (`clean_update`; after a poison was trained a
-failure may be the backdoor fading, which is a change of behaviour too), rounds that declare
-their change (`{type: sft, drift: off}`: recorded, shipped, not counted) aside:
-`lifecycle.drift_gate_false_alarms`.
+the gate fails; `off` ships every candidate. Its false alarms are its failures on clean
+updates: rounds whose candidate has no poisoned row in its history (`clean_update`; after a
+poison was trained a failure may be the backdoor fading, which is a change of behaviour too),
+rounds that declare their change (`{type: sft, drift: off}`: recorded, shipped, not counted)
+aside: `lifecycle.drift_gate_false_alarms`.
 
 results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
 gates' records, deployed, and the candidate's and the deployed model's ASR / FTR / utility),
