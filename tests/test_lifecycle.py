@@ -317,6 +317,12 @@ def test_drift_command_on_two_stages_of_a_run(drift_life, capsys):
     assert report["probes"]["file"].endswith("probes.jsonl")
     assert drift.main([f"{out}:round1", f"{out}:round2"]) == 1
     capsys.readouterr()
+    # the gate's own decision, stand-alone: round 2 against the life's calibration of round 1
+    assert drift.main([f"{out}:round1", f"{out}:round2", "--calibrated"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibrated"] and any(t["judge"] == "answer_shift" for t in report["tests"])
+    assert drift.main([f"{out}:round2", f"{out}:round3", "--calibrated"]) == 2
+    assert "no calibration of 'round2'" in capsys.readouterr().err
     assert drift.main([f"{out}:nope", str(out)]) == 2
     assert "no model stage 'nope'" in capsys.readouterr().err
     assert drift.main([str(out / "missing"), str(out)]) == 2
