@@ -112,7 +112,11 @@ def student_t_sf(t: float, df: float) -> float:
     return tail / 2 if t > 0 else 1 - tail / 2
 
 
-SHIFT_OFFSET = 0.01   # added to a mean answer shift before its log (a split no update moves)
+# added to a mean answer shift before its log: the least shift worth telling apart. Where clean
+# updates move a split not at all (every refusal stays the same refusal), a smaller offset
+# makes any small shift look like a leap (an offset of 0.01 failed 2 of 38 clean updates on the
+# micro model at a shift of 0.047, where poisons moved the split by 0.15-0.6)
+SHIFT_OFFSET = 0.05
 SHIFT_LOG_SD_MIN = 0.1   # the spread of clean updates' log shift is taken as at least this
 
 
