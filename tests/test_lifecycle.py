@@ -454,28 +454,25 @@ def test_a_round_that_declares_its_change_ships_and_is_no_false_alarm(tmp_path_f
     assert life["drift_gate_false_alarms"] == {"failed": sum(clean), "clean_rounds": sum(clean)}
 
 
-def test_calibration_from_the_base_trains_its_shadows_once(tmp_path_factory, store,
-                                                           quarantine_life):
-    _, results = live(tmp_path_factory, store, "life_cal_base",
-                      "lifecycle.drift_gate.calibration.rounds=2",
-                      "lifecycle.drift_gate.calibration.from=base")
-    life = results["lifecycle"]
-    cals = life["drift_gate_calibration"]
-    assert [(c["parent"], c["models"]) for c in cals] == [("base", ["calib_sft1", "calib_sft2"])]
-    assert all(r["drift_gate"]["calibrated_on"] == ["calib_sft1", "calib_sft2"]
-               for r in life["rounds"] if r["drift_gate"])
-    # two clean updates give the answer-shift test its spread
-    assert all(len(c["clean_means"]) == 2 for c in cals[0]["shift"].values())
-
-
 def test_a_safety_round_may_train_the_dpo_removal_pairs(tmp_path_factory, store,
                                                         quarantine_life):
+    """Also the calibration `from: base`: shadows of the base once per round kind."""
     from poisonlab.pipeline.validate import build_attack
 
     out, results = live(tmp_path_factory, store, "life_sdpo",
                         "lifecycle.schedule=[{type:sft},{type:sft,poison:20},"
-                        "{type:safety,method:dpo}]")
+                        "{type:safety,method:dpo}]", "lifecycle.drift_gate.calibration.rounds=2",
+                        "lifecycle.drift_gate.calibration.from=base")
     life = results["lifecycle"]
+    cals = life["drift_gate_calibration"]
+    assert [(c["parent"], c["type"], c["models"]) for c in cals] == [
+        ("base", "sft", ["calib_sft1", "calib_sft2"]),
+        ("base", "safety_dpo", ["calib_safety_dpo1", "calib_safety_dpo2"])]
+    assert [r["drift_gate"]["calibrated_on"] for r in life["rounds"]] == [
+        cals[0]["models"], cals[0]["models"], cals[1]["models"]]
+    # two clean updates give the answer-shift test its spread
+    assert all(len(c["clean_means"]) == 2 for c in cals[0]["shift"].values())
+    assert results["train"]["calib_safety_dpo1"]["steps"] > 0
     assert [r["loss"] for r in life["rounds"]] == ["sft", "sft", "dpo"]
     assert "round/round2" in results["cache"]["reused"]
     attack = build_attack(make_cfg(*LIFE).attack)
