@@ -67,6 +67,7 @@ import time
 from poisonlab import PoisonlabError
 from poisonlab.drift import answer_shift, drift_tests, embed_answers
 from poisonlab.pipeline.calibration import SOURCES, Calibrator, shadow_entries
+from poisonlab.pipeline.calibration import settings as calibration_settings
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
@@ -192,7 +193,7 @@ def live(ctx: RunContext) -> dict:
     deployed = base_stage(ctx)
     deployed_name = "base"
     answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
-    encoder = (life.drift_gate.get("calibration") or {}).get("encoder")
+    encoder = calibration_settings(life)[2]
     embedded = {deployed.key: embed_answers(answers[deployed.key], encoder)}
     calibrator = Calibrator(ctx, probes, shadows, entries,
                             (deployed, answers[deployed.key], embedded[deployed.key]))
