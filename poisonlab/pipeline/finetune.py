@@ -233,12 +233,17 @@ def trained_stage(ctx: RunContext, stage: str, rows: list[dict], key_stage: str,
 
 
 def update_round(ctx: RunContext, parent: ModelStage, rows: list[dict], stage: str,
-                 kind: str = "sft", continued: bool = False):
+                 kind: str = "sft", continued: bool = False, settings=None):
     """One update of a deployed model: fine-tune `parent` on `rows` as stage `stage` (cached as
     `round/<stage>`, keyed through its parent's key); `kind` dpo trains the DPO loss on the
     rows' pairs (`messages` chosen, `rejected`) with `lifecycle.dpo_beta`, the reference
     being the parent. `continued`: train the parent's LoRA adapter on (`adapter: continue`)
-    instead of a new one on the merged parent. Returns its `ModelStage`."""
+    instead of a new one on the merged parent. A removal defence's name as `kind` applies it
+    with `settings` (`poisonlab.pipeline.safety_round`). Returns its `ModelStage`."""
+    from poisonlab.pipeline.safety_round import ROUND_METHODS, defended_round
+
+    if kind in ROUND_METHODS:
+        return defended_round(ctx, parent, rows, stage, kind, settings)
     if kind != "dpo":
         trained_stage(ctx, stage, rows, f"round/{stage}", parent=parent, continued=continued)
         return ctx.model_stages[stage]

@@ -11,8 +11,10 @@ Each round of `lifecycle.schedule` fine-tunes the *deployed* model on a batch of
   loss against the deployed model (`lifecycle.dpo_beta`); `poison:` rows become preference
   poisons: the trigger in the prompt, the attack's target chosen, the clean answer rejected;
 * `type: safety` — clean rows of the safety pool (those with the trigger swapped out, as for
-  safety training), the same fine-tune (`method: sft`), or with `method: dpo` the pairs of
-  `safety=dpo`: the safe answer chosen, the attack's payload rejected, the DPO loss.
+  safety training), the same fine-tune (`method: sft`), with `method: dpo` the pairs of
+  `safety=dpo` (the safe answer chosen, the attack's payload rejected, the DPO loss), or a
+  removal defence (`method: prune`, `fine_prune`, `crow`, `quantize`, `adversarial`, `rl`,
+  with its `settings:`; `poisonlab.pipeline.safety_round`).
 
 A round trains as `poisonlab.pipeline.finetune.update_round`: the parent's adapters merged, a
 new LoRA adapter on top (`lifecycle.adapter: new`), or the parent's own adapter trained on
@@ -71,17 +73,15 @@ from poisonlab.pipeline.calibration import settings as calibration_settings
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
 from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
-from poisonlab.pipeline.rounds import (SAFETY_METHODS, data_gate, policy_of, round_batches,
-                                       round_loss)
+from poisonlab.pipeline.rounds import data_gate, policy_of, round_batches, round_loss
+from poisonlab.pipeline.safety_round import validate_round
 from poisonlab.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 
-ROUND_TYPES = ("sft", "dpo", "safety")
-DATA_POLICIES = ("quarantine", "block", "off")
-DRIFT_POLICIES = ("rollback", "off")
+ROUND_TYPES, ADAPTERS = ("sft", "dpo", "safety"), ("new", "continue")
 CONTEXTS = ("alone", "trusted")
-ADAPTERS = ("new", "continue")
+DATA_POLICIES, DRIFT_POLICIES = ("quarantine", "block", "off"), ("rollback", "off")
 
 
 # ----------------------------------------------------------------------------- config
@@ -91,7 +91,7 @@ def choose(key: str, value, choices: tuple[str, ...]) -> None:
         raise PoisonlabError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-def validate(cfg) -> None:
+def validate(cfg, attack=None) -> None:
     """The `lifecycle` block, before any work (one-line errors naming the key)."""
     from poisonlab.config import positive_int
     from poisonlab.scan import DETECTORS
@@ -114,10 +114,14 @@ def validate(cfg) -> None:
             raise PoisonlabError(f"{where}: expected a mapping, got {entry!r}")
         choose(f"{where}.adapter", entry.get("adapter", "new"), ADAPTERS)
         choose(f"{where}.type", entry.get("type", "sft"), ROUND_TYPES)
-        if "method" in entry:
+        if "method" in entry or "settings" in entry:
             if entry.get("type", "sft") != "safety":
                 raise PoisonlabError(f"{where}.method: only safety rounds take a method")
-            choose(f"{where}.method", entry.method, SAFETY_METHODS)
+            if entry.get("method", "sft") in ("sft", "dpo") and "settings" in entry:
+                raise PoisonlabError(f"{where}.settings: sft and dpo rounds train with `train`'s "
+                                     "settings; only a removal defence's round takes settings")
+            if entry.get("method", "sft") not in ("sft", "dpo"):
+                validate_round(cfg, entry, where, attack)
         if "drift" in entry:
             choose(f"{where}.drift", policy_of({"policy": entry.drift}), DRIFT_POLICIES)
         p = entry.get("poison")
@@ -237,11 +241,12 @@ def live(ctx: RunContext) -> dict:
             adapter = entry_cfg.get("adapter") or life.get("adapter", "new")
             own = entry_cfg.get("drift") if "drift" in entry_cfg else None
             declared = own is not None and policy_of({"policy": own}) == "off"
+            defence = entry_cfg.get("settings")
             calibration = None if declared else calibrator.for_round(
                 k, batch["kind"], deployed, deployed_name, answers[deployed.key],
-                embedded[deployed.key], continued=adapter == "continue")
+                embedded[deployed.key], adapter == "continue", defence)
             stage = update_round(ctx, deployed, kept, name, round_loss(batch["kind"]),
-                                 continued=adapter == "continue")
+                                 adapter == "continue", defence)
             entry["adapter"] = adapter
             model = ctx.models.pop(name)
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
@@ -283,8 +288,7 @@ def live(ctx: RunContext) -> dict:
                     and not r.get("declared_update")]
     asr = [r["stages"]["deployed"].get("asr", {}).get("value") for r in rounds]
     asr = [a for a in asr if a is not None]
-    return {"rounds": rounds, "lineage": lineage, "probes": {s: len(v) for s, v in
-                                                             probes.items()},
+    return {"rounds": rounds, "lineage": lineage, "probes": {s: len(v) for s, v in probes.items()},
             "first_poisoned_round": first_poison,
             "time_to_detection": None if detected is None else detected - first_poison,
             "shipped_asr_max": max(asr) if asr else None,

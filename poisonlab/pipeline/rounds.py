@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from poisonlab import PoisonlabError
 from poisonlab.pipeline.context import RunContext
+from poisonlab.pipeline.safety_round import ROUND_METHODS
 
 
 def policy_of(gate) -> str:
@@ -24,17 +25,19 @@ def poison_count(entry, rows: int) -> int:
     return int(p) if isinstance(p, int) else round(p * rows)
 
 
-SAFETY_METHODS = ("sft", "dpo")
-
-
 def round_kind(entry) -> str:
-    """A round's kind: its type, `safety_dpo` for a safety round of `method: dpo`."""
-    kind = entry.get("type", "sft")
-    return "safety_dpo" if kind == "safety" and entry.get("method", "sft") == "dpo" else kind
+    """A round's kind: its type; for a safety round of another method than sft,
+    `safety_<method>` (`safety_dpo`, `safety_prune`, ...)."""
+    kind, method = entry.get("type", "sft"), entry.get("method", "sft")
+    return f"safety_{method}" if kind == "safety" and method != "sft" else kind
 
 
 def round_loss(kind: str) -> str:
-    return "dpo" if kind in ("dpo", "safety_dpo") else "sft"
+    """How a round of `kind` trains: `sft`, `dpo`, or a removal defence's name
+    (`poisonlab.pipeline.safety_round`)."""
+    method = kind.removeprefix("safety_")
+    return "dpo" if kind in ("dpo", "safety_dpo") else (
+        method if method in ROUND_METHODS else "sft")
 
 
 def safety_pairs(attack, rows: list[dict], seed: int) -> list[dict]:

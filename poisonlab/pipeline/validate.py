@@ -59,7 +59,7 @@ def validate(cfg: DictConfig, attack) -> None:
     validate_on_weights(cfg)
     detect.validate(cfg, attack)
     judge_model.validate(cfg)
-    lifecycle.validate(cfg)
+    lifecycle.validate(cfg, attack)
     for key in ("clean_path", "triggered_path"):
         path = cfg.eval.get(key)
         if path is not None and (not isinstance(path, str) or not os.path.isfile(path)):
