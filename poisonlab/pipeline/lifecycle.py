@@ -40,21 +40,22 @@ in the direction a poison moves it, Bonferroni-corrected, failing where the rate
 least `tolerance`. Calibrated (`drift_gate.calibration`: `rounds` clean shadow updates of
 the round's parent, or of the base, of the round's kind; `poisonlab.pipeline.calibration`;
 not for a round that declares its change), a test fails only beyond every clean update's
-move, and per split an answer-shift test (the mean cosine distance of answer embeddings
-against clean updates', a prediction test on the log scale) joins the family; the shadows
-are in `lifecycle.drift_gate_calibration`. `policy: rollback` keeps the deployed model when
-the gate fails; `off` ships every candidate. Its false alarms are its failures on clean
-updates: rounds whose candidate has no poisoned row in its history (`clean_update`; after a
-poison was trained a failure may be the backdoor fading, which is a change of behaviour too),
-rounds that declare their change (`{type: sft, drift: off}`: recorded, shipped, not counted)
-aside: `lifecycle.drift_gate_false_alarms`.
+move, and per split the answer shift (mean cosine distance of answer embeddings) and the
+log-prob shift (mean change of the deployed model's answers' per-token log-probability under
+the candidate; `drift_gate.logprob_shift: false` leaves it out) join the family as tests
+against clean updates' (`poisonlab.drift.shift_test`); the shadows are in
+`lifecycle.drift_gate_calibration`. `policy: rollback` keeps the deployed model when the gate
+fails; `off` ships every candidate. Its false alarms are its failures on clean updates:
+rounds whose candidate has no poisoned row in its history (`clean_update`; after a poison was
+trained a failure may be the backdoor fading, a change of behaviour too), rounds that declare
+their change (`{type: sft, drift: off}`: recorded, shipped, not counted) aside:
+`lifecycle.drift_gate_false_alarms`.
 
 results.json `lifecycle`: `rounds` (per round: type, rows, poisoned_rows, quarantined, the
-gates' records, deployed, and the candidate's and the deployed model's ASR / FTR / utility),
-`time_to_detection` (rounds from the first poisoned round to the first gate that acts on
-it: a quarantined poison, a blocked round, a failed drift test of a candidate with a poison
-in its history; null: never),
-`shipped_asr_max` and the lineage of every round's model.
+gates' records, deployed, the candidate's and the deployed model's ASR / FTR / utility),
+`time_to_detection` (rounds from the first poisoned round to the first gate that acts on it:
+a quarantined poison, a blocked round, a failed drift test of a candidate with a poison in its
+history; null: never), `shipped_asr_max` and the lineage of every round's model.
 
 The batches and the data gate are `poisonlab.pipeline.rounds`, the probes
 `poisonlab.pipeline.probes`; this module is the loop.
@@ -67,12 +68,12 @@ import os
 import time
 
 from poisonlab import PoisonlabError
-from poisonlab.drift import answer_shift, drift_tests, embed_answers
+from poisonlab.drift import drift_tests
 from poisonlab.pipeline.calibration import SOURCES, Calibrator, shadow_entries
 from poisonlab.pipeline.calibration import settings as calibration_settings
 from poisonlab.pipeline.context import RunContext
 from poisonlab.pipeline.keys import digest
-from poisonlab.pipeline.probes import probe_answers, probe_battery, write_probes
+from poisonlab.pipeline.probes import Behaviours, probe_battery, write_probes
 from poisonlab.pipeline.rounds import data_gate, policy_of, round_batches, round_loss
 from poisonlab.pipeline.safety_round import validate_round
 from poisonlab.utils import write_jsonl
@@ -158,6 +159,8 @@ def validate(cfg, attack=None) -> None:
     if encoder is not None and not os.path.isfile(os.path.join(str(encoder), "config.json")):
         raise PoisonlabError(f"lifecycle.drift_gate.calibration.encoder: {encoder!r} is not a "
                              "local sentence-encoder directory (null: MiniLM)")
+    if not isinstance(drift.get("logprob_shift", True), bool):
+        raise PoisonlabError("lifecycle.drift_gate.logprob_shift must be true or false")
     for key in ("alpha", "tolerance"):
         v = drift.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
@@ -187,20 +190,19 @@ def live(ctx: RunContext) -> dict:
     from poisonlab.pipeline.evaluation import evaluate_model
     from poisonlab.pipeline.finetune import base_stage, update_round
 
-    cfg = ctx.cfg
-    life = cfg.lifecycle
+    cfg, life = ctx.cfg, ctx.cfg.lifecycle
     entries = shadow_entries(life)
     batches = round_batches(ctx, entries)
     batches, shadows = batches[:len(life.schedule)], batches[len(life.schedule):]
     probes = probe_battery(ctx)
     write_probes(ctx.out / "data" / "probes.jsonl", probes)
-    deployed = base_stage(ctx)
-    deployed_name = "base"
-    answers = {deployed.key: probe_answers(ctx, "base", deployed.key, ctx.base.take, probes)}
-    encoder = calibration_settings(life)[2]
-    embedded = {deployed.key: embed_answers(answers[deployed.key], encoder)}
-    calibrator = Calibrator(ctx, probes, shadows, entries,
-                            (deployed, answers[deployed.key], embedded[deployed.key]))
+    deployed, deployed_name = base_stage(ctx), "base"
+    seen = Behaviours(ctx, probes, calibration_settings(life)[2])
+    base = ctx.base.take()
+    seen.record("base", deployed, base)
+    ctx.base.pristine.append(base)       # untouched: round 1 may train on it
+    del base
+    calibrator = Calibrator(ctx, seen, shadows, entries, deployed)
     trusted: list[dict] = []
     rounds, lineage = [], [{"model": "base", "key": deployed.key, "parent": None}]
     first_poison = detected = None
@@ -243,20 +245,19 @@ def live(ctx: RunContext) -> dict:
             declared = own is not None and policy_of({"policy": own}) == "off"
             defence = entry_cfg.get("settings")
             calibration = None if declared else calibrator.for_round(
-                k, batch["kind"], deployed, deployed_name, answers[deployed.key],
-                embedded[deployed.key], adapter == "continue", defence)
+                k, batch["kind"], deployed, deployed_name, adapter == "continue", defence)
             stage = update_round(ctx, deployed, kept, name, round_loss(batch["kind"]),
                                  adapter == "continue", defence)
             entry["adapter"] = adapter
             model = ctx.models.pop(name)
             evaluate_model(ctx, name, f"{name}_eval", lambda m=model: m, stage.key)
-            answers[stage.key] = probe_answers(ctx, name, stage.key, lambda m=model: m, probes)
+            seen.record(name, stage, model)
+            shift, logprob = seen.distances(deployed, stage, model)
             del model
-            embedded[stage.key] = embed_answers(answers[stage.key], encoder)
-            drift = drift_tests(answers[deployed.key], answers[stage.key], probes,
+            drift = drift_tests(seen.answers[deployed.key], seen.answers[stage.key], probes,
                                 float(life.drift_gate.alpha), float(life.drift_gate.tolerance),
-                                cfg.seed, calibration,
-                                answer_shift(embedded[deployed.key], embedded[stage.key]))
+                                cfg.seed, calibration, shift,
+                                logprob if life.drift_gate.get("logprob_shift", True) else None)
             # a round may declare an update that is meant to move behaviour (`drift: off`: the
             # first tuning of an instruct model to a new answer format) and is only recorded
             drift["policy"] = policy_of({"policy": own} if own is not None else life.drift_gate)

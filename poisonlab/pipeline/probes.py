@@ -85,3 +85,37 @@ def probe_answers(ctx: RunContext, name: str, model_key: str, get_model,
                             desc=f"{name}/probes/{s}") for s, p in prompts.items()}
 
     return ctx.st.run(f"probes/{name}", spec, compute, cache=ctx.cacheable)
+
+
+class Behaviours:
+    """What the drift gate knows of each model of a life, by its key: its answers to the probes
+    (`probe_answers`), their embeddings (the answer shift) and the log-probabilities it gives
+    its own answers (the log-prob shift); `distances` measures a child against its parent while
+    the child is in memory."""
+
+    def __init__(self, ctx: RunContext, probes: dict[str, list[dict]], encoder: str | None):
+        self.ctx, self.probes, self.encoder = ctx, probes, encoder
+        self.answers: dict[str, dict] = {}
+        self.embedded: dict[str, dict] = {}
+        self.own: dict[str, dict] = {}
+
+    def record(self, name: str, stage, model) -> dict[str, list[str]]:
+        """`stage`'s answers (cached), embeddings and own log-probs, `model` being its model."""
+        from poisonlab.drift import answer_logprobs, embed_answers
+
+        key = stage.key
+        self.answers[key] = probe_answers(self.ctx, name, key, lambda: model, self.probes)
+        self.embedded[key] = embed_answers(self.answers[key], self.encoder)
+        self.own[key] = answer_logprobs(model, self.ctx.base.tokenizer, self.probes,
+                                        self.answers[key], self.ctx.cfg.eval.batch_size)
+        return self.answers[key]
+
+    def distances(self, parent, child, model) -> tuple[dict, dict]:
+        """Per split and probe, the child's answer shift and log-prob shift from its parent
+        (`model`: the child's model, scoring the parent's answers)."""
+        from poisonlab.drift import answer_logprobs, answer_shift, logprob_shift
+
+        scored = answer_logprobs(model, self.ctx.base.tokenizer, self.probes,
+                                 self.answers[parent.key], self.ctx.cfg.eval.batch_size)
+        return (answer_shift(self.embedded[parent.key], self.embedded[child.key]),
+                logprob_shift(self.own[parent.key], scored))
