@@ -157,6 +157,20 @@ def artifact_stages(manifest: dict) -> dict[str, tuple[str, list[str]]]:
     return owned
 
 
+def artifact_dirs(files) -> list[tuple[str, str]]:
+    """(adapters | models, directory) of every adapter and whole model among the run's files:
+    `adapters/<name>`, `models/<name>`, and a lifecycle safety round's by a removal defence,
+    `rounds/<round>/adapters/<name>` and `rounds/<round>/models/<name>`."""
+    found = set()
+    for r in files:
+        parts = r.split("/")
+        if parts[0] in ("adapters", "models") and len(parts) > 2:
+            found.add((parts[0], "/".join(parts[:2])))
+        elif parts[0] == "rounds" and len(parts) > 4 and parts[2] in ("adapters", "models"):
+            found.add((parts[2], "/".join(parts[:4])))
+    return sorted(found, key=lambda x: (x[0], x[1]))
+
+
 def build_bom(run_dir) -> "Bom":
     """The run's ML-BOM (validated by write_bom, not here)."""
     _require_cyclonedx()
@@ -225,42 +239,41 @@ def build_bom(run_dir) -> "Bom":
     method = (manifest.get("defense") or {}).get("method")
     # a lifecycle run: each round's model with its parent, batch, gates and whether it shipped
     lineage = {e["model"]: e for e in manifest.get("lineage") or [] if e.get("parent")}
-    for top in ("adapters", "models"):
-        for d in sorted({"/".join(r.split("/")[:2]) for r in files
-                         if r.startswith(f"{top}/") and r.count("/") >= 2}):
-            stage, builds_on = owned.get(d, (d.split("/")[1], ["base"]))
-            nested = [_file_component(r, _checked_hash(run_dir, r, files), r)
-                      for r in sorted(files) if r.startswith(d + "/")]
-            weights = [c for c in nested if c.name.endswith(".safetensors")]
-            props = _props(stage=stage, kind="peft adapter" if top == "adapters" else
-                           "full weights",
-                           method=method if stage == "after_safety" else "finetune:lora")
-            config_path = run_dir / d / "adapter_config.json"
-            if config_path.is_file():
-                acfg = json.loads(config_path.read_text())
-                props += [_prop(f"peft:{k}", acfg[k]) for k in ("peft_type", "r", "lora_alpha",
-                                                                "target_modules") if k in acfg]
-            life = lineage.get(stage)
-            if life is not None:
-                props += _props(parent=life["parent"], batch_digest=life.get("batch"),
-                                data_gate=life.get("data_gate"),
-                                drift_gate=life.get("drift_gate"), shipped=life.get("shipped"))
-            components.append(Component(
-                type=ComponentType.MACHINE_LEARNING_MODEL, name=d, bom_ref=d,
-                description=f"{'adapter' if top == 'adapters' else 'model'} of stage {stage}"
-                            + ("; its SHA-256 is that of its weights file" if len(weights) == 1
-                               else ""),
-                hashes=list(weights[0].hashes) if len(weights) == 1 else [],
-                # the stage's rates belong to what it evaluated (the last model it built)
-                properties=props + (_rates(stages.get(stage)) if d in owned else []),
-                components=nested))
-            on = ["base-model" if p == "base" else p for p in builds_on]
-            if stage == "after_safety" and d != "adapters/poisoned":
-                on.append("adapters/poisoned")  # every defence starts from the poisoned model
-            on += [f"data/{f}" for f in STAGE_DATA.get(stage, []) if f"data/{f}" in files]
-            if life is not None and f"data/rounds/{stage}.jsonl" in files:
-                on.append(f"data/rounds/{stage}.jsonl")
-            deps[d] = sorted(set(on) | {"base-model"})
+    for top, d in artifact_dirs(files):
+        stage, builds_on = owned.get(d, (d.split("/")[1], ["base"]))
+        nested = [_file_component(r, _checked_hash(run_dir, r, files), r)
+                  for r in sorted(files) if r.startswith(d + "/")]
+        weights = [c for c in nested if c.name.endswith(".safetensors")]
+        life = lineage.get(stage)
+        props = _props(stage=stage, kind="peft adapter" if top == "adapters" else
+                       "full weights",
+                       method=method if stage == "after_safety" else
+                       (life or {}).get("update") or "finetune:lora")
+        config_path = run_dir / d / "adapter_config.json"
+        if config_path.is_file():
+            acfg = json.loads(config_path.read_text())
+            props += [_prop(f"peft:{k}", acfg[k]) for k in ("peft_type", "r", "lora_alpha",
+                                                            "target_modules") if k in acfg]
+        if life is not None:
+            props += _props(parent=life["parent"], batch_digest=life.get("batch"),
+                            data_gate=life.get("data_gate"),
+                            drift_gate=life.get("drift_gate"), shipped=life.get("shipped"))
+        components.append(Component(
+            type=ComponentType.MACHINE_LEARNING_MODEL, name=d, bom_ref=d,
+            description=f"{'adapter' if top == 'adapters' else 'model'} of stage {stage}"
+                        + ("; its SHA-256 is that of its weights file" if len(weights) == 1
+                           else ""),
+            hashes=list(weights[0].hashes) if len(weights) == 1 else [],
+            # the stage's rates belong to what it evaluated (the last model it built)
+            properties=props + (_rates(stages.get(stage)) if d in owned else []),
+            components=nested))
+        on = ["base-model" if p == "base" else p for p in builds_on]
+        if stage == "after_safety" and d != "adapters/poisoned":
+            on.append("adapters/poisoned")  # every defence starts from the poisoned model
+        on += [f"data/{f}" for f in STAGE_DATA.get(stage, []) if f"data/{f}" in files]
+        if life is not None and f"data/rounds/{stage}.jsonl" in files:
+            on.append(f"data/rounds/{stage}.jsonl")
+        deps[d] = sorted(set(on) | {"base-model"})
 
     # ---- software
     packages = manifest.get("packages") or {}

@@ -7,6 +7,7 @@ with each gate alone; the other lives reuse its cached rounds."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -561,6 +562,21 @@ def test_a_safety_round_may_be_any_removal_defence(tmp_path_factory, store, quar
     assert record["defence"]["info"]["prune"]["zeroed_weights"] > 0
     # the safety rows: clean rows of the safety pool, none with the trigger
     assert not any(r["poisoned"] for r in _rows(out, 3))
+    assert [e.get("update") for e in manifest["lineage"][1:]] == ["sft", "sft", "fine_prune"]
+    if importlib.util.find_spec("cyclonedx"):        # the ML-BOM lists the round's models
+        from poisonlab.bom import build_bom, to_json, validation_error
+
+        text = to_json(build_bom(out))
+        assert validation_error(text) is None
+        bom = json.loads(text)
+        props = {c["name"]: {p["name"]: p["value"] for p in c.get("properties", [])}
+                 for c in bom["components"]}
+        deps = {d["ref"]: d.get("dependsOn", []) for d in bom["dependencies"]}
+        adapter, pruned = "rounds/round3/adapters/safety", "rounds/round3/models/after_safety"
+        assert props[adapter]["poisonlab:method"] == "fine_prune"
+        assert props[adapter]["poisonlab:parent"] == "round2"
+        assert props[pruned]["poisonlab:kind"] == "full weights"
+        assert pruned in deps[adapter] and "data/rounds/round3.jsonl" in deps[adapter]
     again_out, again = live(tmp_path_factory, store, "life_fp2", schedule)
     assert "round/round3" in again["cache"]["reused"]
     assert again["cache"]["keys"]["round/round3"] == results["cache"]["keys"]["round/round3"]

@@ -267,7 +267,7 @@ def live(ctx: RunContext) -> dict:
             acts = acts or (drift["decision"] == "fail" and tainted[name])
             entry.update(drift_gate=drift, deployed=ship, candidate=name)
             lineage.append({"model": name, "key": stage.key, "parent": deployed_name,
-                            "batch": digest([r["messages"] for r in kept]),
+                            "update": entry["loss"], "batch": digest([r["messages"] for r in kept]),
                             "data_gate": gate["decision"], "drift_gate": drift["decision"],
                             "shipped": ship})
             if ship:
