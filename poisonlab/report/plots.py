@@ -238,6 +238,15 @@ LIFE_METRICS = [("asr", "ASR", "C3"), ("ftr_near", "FTR near", "C1"),
                 ("clean_utility", "clean utility", "C0")]
 
 
+def round_label(r: dict) -> str:
+    """A round's tick: its number and what it trained (sft, dpo, safety; a safety round by
+    another method than SFT: `safety:<method>`)."""
+    kind = r["type"]
+    if kind == "safety" and r.get("loss") not in (None, "sft"):
+        kind = f"safety:{r['loss']}"
+    return f"{r['round']}\n{kind}"
+
+
 def life_figure(life: dict, title: str) -> Figure:
     """A lifecycle run by round (0 = the base model): ASR, FTR near and clean utility of the
     deployed model (solid, with 95% intervals) and of each round's candidate (dotted), poisoned
@@ -277,7 +286,7 @@ def life_figure(life: dict, title: str) -> Figure:
             if marks:
                 ax.text(r["round"], 1.06, " ".join(marks), ha="center", va="bottom",
                         fontsize=8)
-        ax.set_xticks(xs)
+        ax.set_xticks(xs, [round_label(r) for r in rounds], fontsize=7)
         ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
         ax.set_ylim(0, 1.15)            # the gates' marks sit above the rates, inside the axes
         ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
