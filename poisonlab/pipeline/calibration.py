@@ -53,7 +53,7 @@ class Calibrator:
 
     def __init__(self, ctx: RunContext, seen, batches: list[dict], entries: list[dict], base):
         self.ctx, self.seen, self.base = ctx, seen, base   # seen: probes.Behaviours
-        self.n, self.source, self.encoder = settings(ctx.cfg.lifecycle)
+        self.n, self.source, _ = settings(ctx.cfg.lifecycle)
         self.batches: dict = {}
         for entry, batch in zip(entries, batches):
             self.batches.setdefault(entry["kind"], []).append(batch["rows"])
@@ -81,7 +81,7 @@ class Calibrator:
             stage = update_round(self.ctx, parent, rows, name, round_loss(kind), continued,
                                  defence)
             model = self.ctx.models.pop(name)
-            answers.append(self.seen.record(name, stage, model))
+            answers.append(self.seen.record(name, stage, model, parent=False))  # never deployed
             shift, logprob = self.seen.distances(parent, stage, model)
             del model
             shifts.append(shift)

@@ -99,15 +99,17 @@ class Behaviours:
         self.embedded: dict[str, dict] = {}
         self.own: dict[str, dict] = {}
 
-    def record(self, name: str, stage, model) -> dict[str, list[str]]:
-        """`stage`'s answers (cached), embeddings and own log-probs, `model` being its model."""
+    def record(self, name: str, stage, model, parent: bool = True) -> dict[str, list[str]]:
+        """`stage`'s answers (cached) and embeddings, `model` being its model; with `parent`
+        (a model that may be deployed, so judged against later) its own log-probs too."""
         from poisonlab.drift import answer_logprobs, embed_answers
 
         key = stage.key
         self.answers[key] = probe_answers(self.ctx, name, key, lambda: model, self.probes)
         self.embedded[key] = embed_answers(self.answers[key], self.encoder)
-        self.own[key] = answer_logprobs(model, self.ctx.base.tokenizer, self.probes,
-                                        self.answers[key], self.ctx.cfg.eval.batch_size)
+        if parent:
+            self.own[key] = answer_logprobs(model, self.ctx.base.tokenizer, self.probes,
+                                            self.answers[key], self.ctx.cfg.eval.batch_size)
         return self.answers[key]
 
     def distances(self, parent, child, model) -> tuple[dict, dict]:

@@ -13,8 +13,9 @@ The defence writes what it writes for `safety=<m>` (`models/after_safety`, `adap
 its data files) under `rounds/<stage>/` of the run. Its reload recipe, read against the
 round's parent (the parent's last adapter plays the poisoned adapter, the model below it the
 base), gives the round's `ModelStage`. Cached as `round/<stage>`, keyed by the parent's key,
-the rows, the defence's settings, the attack and evaluation settings (adversarial training
-and RL search for the attack's behaviour) and the code of the defence's module.
+the rows, the defence's settings, the attack, evaluation and judge settings (adversarial
+training and RL search for or penalise the attack's behaviour) and the code of the defence's
+module.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def defended_round(ctx: RunContext, parent, rows: list[dict], stage: str, method
     spec = {"rows": digest(rows), **ctx.base.spec, "precision": ctx.base.precision.name,
             "parent": parent.key, "method": method, "safety": plain(cfg.safety),
             "train": plain(train_cfg), "attack": plain(cfg.attack), "eval": plain(cfg.eval),
-            "seed": cfg.seed, **ctx.key_of(__name__, module.__name__)}
+            # RL's reward penalises what the judge flags (a model judge with `judge=model`)
+            "judge": plain(cfg.get("judge")), "seed": cfg.seed,
+            **ctx.key_of(__name__, module.__name__)}
 
     def train(model, train_rows, adapter=None, weights=None, objective=None, trainer=None):
         stats = finetune(ctx, model, train_rows, stage, None, train_cfg, cfg.seed,
