@@ -24,7 +24,7 @@ def _round(k: int, poisoned: int, decision: str) -> dict:
 
 
 @pytest.fixture
-def study(monkeypatch):
+def study():
     ns = runpy.run_path(str(SCRIPT))
     calls = []
 
